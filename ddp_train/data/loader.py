@@ -1,0 +1,121 @@
+"""Build the train or eval loader for one rank: exact epochs, exact eval, resumable mid-epoch."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+
+from ..config import DataConfig
+from ..dist import DistInfo
+from ..shards.manifest import Manifest, load_manifest
+from . import plan
+from .stream import ProblemLog, ShardStream
+
+
+class ShardLoader:
+    """Iterates one rank's batches of a split, one epoch per ``iter()``.
+
+    Train: ``len()`` batches on every rank, then the epoch counter advances. The position is
+    ``state_dict()`` = {epoch, batches consumed}; a loader given that state yields exactly the
+    batches the uninterrupted loader would have yielded next. Eval: each sample of the split is
+    yielded by exactly one rank, once.
+    """
+
+    def __init__(self, stream: ShardStream, *, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int, manifest: Manifest, split: str) -> None:
+        self.stream, self.manifest, self.split = stream, manifest, split
+        self.num_workers, self.pin_memory, self.prefetch_factor = (num_workers, pin_memory,
+                                                                   prefetch_factor)
+        self.epoch = 0
+        self.consumed = 0  # batches of the current epoch already handed out
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (from the manifest)."""
+        return sum(self.stream.lengths)
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a full epoch (identical on all ranks when training)."""
+        s = self.stream
+        if s.train:
+            return plan.train_steps(self.num_samples, s.world_size, s.batch_size)
+        return plan.eval_batches(self.num_samples, s.world_size, s.rank, s.roles, s.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch."""
+        self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.stream.epoch, self.stream.start_batch = self.epoch, self.consumed
+        # Workers are not persistent: each epoch (and each resume) starts them afresh so they
+        # pick up the new epoch and start point; the cost is one worker start-up per epoch.
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory and torch.cuda.is_available(),
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            in_order=True)  # round-robin order is what the resume math relies on
+        for batch in loader:
+            self.consumed += 1
+            yield batch
+        if self.stream.train:
+            self.set_epoch(self.epoch + 1)
+        else:
+            self.consumed = 0
+
+    def state_dict(self) -> dict:
+        """Position in the stream: epoch, batches (and samples) this rank has consumed."""
+        s = self.stream
+        epoch, consumed = self.epoch, self.consumed
+        if s.train and consumed >= len(self):  # a finished epoch is the start of the next one
+            epoch, consumed = epoch + 1, 0
+        return {"split": self.split, "epoch": epoch, "batches": consumed,
+                "samples": consumed * s.batch_size, "world_size": s.world_size,
+                "batch_size": s.batch_size, "num_samples": self.num_samples, "seed": s.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. Mid-epoch positions need the same world size, batch size and
+        split size; with a different layout the loader restarts at the next epoch boundary."""
+        s = self.stream
+        same = (state["world_size"], state["batch_size"], state["num_samples"]) == (
+            s.world_size, s.batch_size, self.num_samples)
+        if same:
+            self.epoch, self.consumed = int(state["epoch"]), int(state["batches"])
+        else:
+            self.set_epoch(int(state["epoch"]) + (1 if state["batches"] else 0))
+
+
+def build_transform(cfg: DataConfig, train: bool):
+    """timm's standard train/eval transform at ``cfg.image_size`` (eval is deterministic)."""
+    if train:
+        return create_transform(cfg.image_size, is_training=True, scale=tuple(cfg.scale),
+                                ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+                                color_jitter=cfg.color_jitter or None,
+                                interpolation=cfg.interpolation, mean=tuple(cfg.mean),
+                                std=tuple(cfg.std))
+    return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
+                            mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.crop_pct)
+
+
+def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, batch_size: int,
+                 seed: int, problems_path: str = "", manifest: Manifest | None = None
+                 ) -> ShardLoader:
+    """The loader of ``split`` for this rank.
+
+    Pipeline per worker: shard list from ``_info.json`` -> rank range -> worker range -> tar ->
+    (shuffle: shard order + sample blocks, seeded from seed + epoch) -> decode -> timm transform
+    -> batch. ``problems_path`` is the run's problematic-sample log.
+    """
+    manifest = manifest or load_manifest(cfg.shards)
+    info = manifest.split(split)
+    roles = max(1, cfg.num_workers)
+    stream = ShardStream(manifest.urls(split), list(info.shard_lengths), train=train,
+                         batch_size=batch_size, seed=seed, rank=dist.rank,
+                         world_size=dist.world_size, roles=roles,
+                         shuffle_buffer=cfg.shuffle_buffer, transform=build_transform(cfg, train),
+                         problems=ProblemLog(problems_path, split))
+    loader = ShardLoader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                         prefetch_factor=cfg.prefetch_factor, manifest=manifest, split=split)
+    if train:
+        len(loader)  # fail now, with the message from train_steps, if the split is too small
+    return loader

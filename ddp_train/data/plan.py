@@ -1,0 +1,115 @@
+"""Epoch plans: which samples each rank and each loader worker reads, computed from the manifest.
+
+Pure arithmetic on shard lengths, no I/O. This is what makes epochs exact (see docs/data.md):
+
+* The split's shards are laid end to end (in a seeded per-epoch order for training) into one
+  global sequence of ``N`` positions. Shards are never assigned whole to ranks: ranks take
+  *contiguous position ranges*, so any shard layout (1 shard or 1,000, any sizes) splits evenly.
+* Train: every rank reads exactly ``steps * batch`` positions, ``steps = N // (world * batch)``;
+  the last ``N - world * steps * batch`` positions of the epoch's order are dropped (< one global
+  batch, and different samples each epoch because the shard order is reshuffled).
+* Eval: rank ``r`` reads positions ``[r*N//W, (r+1)*N//W)``: every sample exactly once.
+* Inside a rank the range is cut into contiguous per-worker ("role") ranges. A train role owns
+  whole batches, and the DataLoader's round robin makes rank batch ``i`` come from role
+  ``i % K`` — which is how a resumed loader knows where each role stands.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Members ``[start, start + count)`` of shard ``shard`` (an index into the split's shards)."""
+
+    shard: int
+    start: int
+    count: int
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order: identical on every rank (it depends on seed and epoch only)."""
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def pieces(lengths: list[int], order: list[int], begin: int, end: int) -> list[Piece]:
+    """Map global positions ``[begin, end)`` of the shards laid out in ``order`` to shard pieces."""
+    out: list[Piece] = []
+    offset = 0  # global position of the first member of the current shard
+    for shard in order:
+        n = lengths[shard]
+        lo, hi = max(begin, offset), min(end, offset + n)
+        if lo < hi:
+            out.append(Piece(shard, lo - offset, hi - lo))
+        offset += n
+        if offset >= end:
+            break
+    return out
+
+
+def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields per train epoch (the same on all ranks)."""
+    steps = num_samples // (world_size * batch_size)
+    if steps == 0:
+        raise ValueError(f"train split has {num_samples} samples, fewer than one global batch "
+                         f"({world_size} ranks x {batch_size}); lower train.batch_size")
+    return steps
+
+
+def split_even(n: int, parts: int, index: int) -> tuple[int, int]:
+    """``[begin, end)`` of part ``index`` when ``n`` items are cut into ``parts`` near-equal runs."""
+    return n * index // parts, n * (index + 1) // parts
+
+
+def role_batches(steps: int, roles: int) -> list[int]:
+    """Train batches per role: role ``w`` serves rank batches ``w, w+K, w+2K, ...``."""
+    return [steps // roles + (1 if w < steps % roles else 0) for w in range(roles)]
+
+
+def consumed_by_role(consumed: int, role: int, roles: int) -> int:
+    """How many of role ``role``'s batches are among the rank's first ``consumed`` batches."""
+    return max(0, (consumed - role + roles - 1) // roles)
+
+
+@dataclass(frozen=True)
+class RoleRange:
+    """What one worker role reads: global positions ``[begin, end)`` and where to start."""
+
+    begin: int
+    end: int
+    skip: int  # positions of this range already consumed before a resume (never decoded)
+
+
+def train_role_range(num_samples: int, world_size: int, rank: int, batch_size: int,
+                     roles: int, role: int, consumed_batches: int) -> RoleRange:
+    """Global positions a train role reads this epoch, and how many it skips after a resume."""
+    steps = train_steps(num_samples, world_size, batch_size)
+    per_role = role_batches(steps, roles)
+    rank_begin = rank * steps * batch_size
+    first_batch = sum(per_role[:role])  # roles own contiguous batch blocks of the rank's range
+    begin = rank_begin + first_batch * batch_size
+    end = begin + per_role[role] * batch_size
+    skip = consumed_by_role(consumed_batches, role, roles) * batch_size
+    return RoleRange(begin, end, skip)
+
+
+def eval_role_range(num_samples: int, world_size: int, rank: int, roles: int,
+                    role: int) -> RoleRange:
+    """Global positions an eval role reads: the rank's even share, cut evenly between roles."""
+    rank_begin, rank_end = split_even(num_samples, world_size, rank)
+    lo, hi = split_even(rank_end - rank_begin, roles, role)
+    return RoleRange(rank_begin + lo, rank_begin + hi, 0)
+
+
+def eval_batches(num_samples: int, world_size: int, rank: int, roles: int,
+                 batch_size: int) -> int:
+    """Eval batches this rank yields (ranks may differ by one sample per role; no collectives)."""
+    total = 0
+    for role in range(roles):
+        r = eval_role_range(num_samples, world_size, rank, roles, role)
+        total += -(-(r.end - r.begin) // batch_size)
+    return total

@@ -1,0 +1,210 @@
+"""The per-worker sample stream: exact position ranges of tar shards -> shuffled, decoded batches.
+
+Each DataLoader worker of each rank runs :meth:`ShardStream.__iter__`, a list of stages. The plan
+(:mod:`ddp_train.data.plan`) decides which global positions the worker reads; the stages only
+read, shuffle, decode and batch them, so the batch count never depends on the shard layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from itertools import islice
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+from . import plan
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "png", "webp")
+
+
+class ProblemLog:
+    """Appends one JSON line per unreadable sample; safe from many worker processes at once."""
+
+    def __init__(self, path: str = "", split: str = "") -> None:
+        self.path, self.split = path, split
+
+    def __call__(self, url: str, key: Optional[str], error: str) -> None:
+        log.warning("skipping sample %s in %s: %s", key, url, error)
+        if not self.path:
+            return
+        line = json.dumps({"time": time.time(), "split": self.split, "url": url, "key": key,
+                           "error": error}) + "\n"
+        # O_APPEND writes of one short line are atomic on local filesystems, so workers of all
+        # ranks can share the file without a lock.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def read_positions(urls: list[str], lengths: list[int], order: list[int], begin: int, end: int,
+                   problems: ProblemLog) -> Iterator[tuple[int, Optional[dict]]]:
+    """Yield ``(position, raw sample)`` for global positions ``[begin, end)``, undecoded.
+
+    Whole shards before ``begin`` are never opened (their lengths come from the manifest); inside
+    the first shard, members before the start are read as bytes and dropped, not decoded. A shard
+    that cannot be read, or ends early, yields ``None`` for each missing member so the count of
+    positions stays exact (the decode stage substitutes them).
+    """
+    pos = begin
+    for piece in plan.pieces(lengths, order, begin, end):
+        url = urls[piece.shard]
+        got = 0
+        try:
+            samples = wds.tariterators.tarfile_samples([{"url": url}])
+            for raw in islice(samples, piece.start, piece.start + piece.count):
+                yield pos, raw
+                pos, got = pos + 1, got + 1
+        except Exception as e:  # a broken tar must not change how many samples this rank yields
+            problems(url, None, f"shard unreadable after {got} of {piece.count} members: {e!r}")
+        for _ in range(piece.count - got):
+            yield pos, None
+            pos += 1
+
+
+def block_shuffle(items: Iterator[tuple[int, Optional[dict]]], block: int, seed: int, epoch: int,
+                  drop: int, shuffle: bool) -> Iterator[tuple[int, Optional[dict]]]:
+    """Shuffle raw samples in consecutive blocks of ``block``, then drop the first ``drop``.
+
+    Why not webdataset's buffer shuffle: its output at any point depends on everything read
+    before, so a resumed run would have to re-read the whole epoch. A block's permutation depends
+    only on its first position, so a resume starts at the block that holds the resume point.
+    Samples are still raw bytes here: skipped ones are never decoded.
+    """
+    if not shuffle:
+        yield from islice(items, drop, None)
+        return
+    while True:
+        chunk = list(islice(items, block))
+        if not chunk:
+            return
+        random.Random(f"block-{seed}-{epoch}-{chunk[0][0]}").shuffle(chunk)
+        if drop:
+            chunk, drop = chunk[drop:], max(0, drop - len(chunk))
+        yield from chunk
+
+
+def seed_sample(seed: int, epoch: int, pos: int) -> None:
+    """Seed the RNGs transforms use from (seed, epoch, position): augmentation is then a function
+    of the sample, not of worker count or of how far the worker had got (exact resume)."""
+    s = (seed * 1_000_003 + epoch) * 10_000_019 + pos
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.random.default_generator.manual_seed(s % 2**63)
+
+
+def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform: Callable,
+                         seed: int, epoch: int, train: bool,
+                         problems: ProblemLog) -> Iterator[tuple[torch.Tensor, int]]:
+    """Decode image + label and apply the transform. Unreadable samples are logged; in training
+    the next good sample is repeated in their place so every rank keeps its exact batch count
+    (a short rank would hang DDP), in eval they are dropped (eval has no collectives)."""
+    decoder = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
+    owed, last = 0, None
+    for pos, raw in items:
+        try:
+            if raw is None:
+                raise ValueError("missing from its shard")
+            sample = decoder(raw)
+            image = next(sample[k] for k in IMAGE_KEYS if k in sample)
+            if train:
+                seed_sample(seed, epoch, pos)
+            out = (transform(image), int(sample["cls"]))
+        except Exception as e:
+            raw = raw or {}
+            problems(str(raw.get("__url__", "?")), raw.get("__key__"), repr(e))
+            owed += int(train)
+            continue
+        for _ in range(1 + owed):
+            yield out
+        owed, last = 0, out
+    if owed:
+        if last is None:
+            raise RuntimeError("every sample of a loader worker's range is unreadable; see the "
+                               "problematic-sample log")
+        yield from [last] * owed
+
+
+class _IsolatedRng:
+    """Run an iterator with its own RNG states. Only used when the stream runs in the training
+    process (num_workers=0): per-sample seeding must not reset the model's dropout RNG."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it = it
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def __iter__(self) -> "_IsolatedRng":
+        return self
+
+    def __next__(self):
+        outer = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+        try:
+            return next(self.it)
+        finally:
+            self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            random.setstate(outer[0])
+            np.random.set_state(outer[1])
+            torch.set_rng_state(outer[2])
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of a split for one epoch; DataLoader workers each take one role of it.
+
+    ``epoch`` and ``start_batch`` are set by the loader before a DataLoader is built (workers are
+    re-created every epoch, so they see the current values).
+    """
+
+    def __init__(self, urls: list[str], lengths: list[int], *, train: bool, batch_size: int,
+                 seed: int, rank: int, world_size: int, roles: int, shuffle_buffer: int,
+                 transform: Callable, problems: ProblemLog) -> None:
+        super().__init__()
+        self.urls, self.lengths = urls, lengths
+        self.train, self.batch_size, self.seed = train, batch_size, seed
+        self.rank, self.world_size, self.roles = rank, world_size, roles
+        self.shuffle_buffer, self.transform, self.problems = shuffle_buffer, transform, problems
+        self.epoch = 0
+        self.start_batch = 0  # rank batches already consumed this epoch (resume point)
+
+    def role_range(self, role: int) -> plan.RoleRange:
+        """Global positions this rank's ``role`` reads in the current epoch."""
+        n = sum(self.lengths)
+        if self.train:
+            return plan.train_role_range(n, self.world_size, self.rank, self.batch_size,
+                                         self.roles, role, self.start_batch)
+        return plan.eval_role_range(n, self.world_size, self.rank, self.roles, role)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # The DataLoader's round robin always starts at worker 0; after a resume at rank batch j
+        # the next batch belongs to role j % K, so worker w plays role (w + j) % K.
+        role = (worker + self.start_batch) % self.roles
+        r = self.role_range(role)
+        order = plan.shard_order(len(self.urls), self.seed, self.epoch, shuffle=self.train)
+        block = self.shuffle_buffer
+        first = r.begin + (r.skip // block) * block  # start of the block holding the resume point
+        # (position, raw sample) for the role's range from the resume block on; nothing decoded
+        stream = read_positions(self.urls, self.lengths, order, first, r.end, self.problems)
+        # same, shuffled within blocks; the already-consumed head is dropped
+        stream = block_shuffle(stream, block, self.seed, self.epoch, r.skip - (first - r.begin),
+                               shuffle=self.train)
+        # (image tensor CHW, label), exactly one per position in training
+        stream = decode_and_transform(stream, self.transform, self.seed, self.epoch, self.train,
+                                      self.problems)
+        # (images [B,C,H,W], labels [B]); train ranges are whole batches, eval keeps the remainder
+        stream = wds.filters.batched(self.batch_size, collation_fn=default_collate,
+                                     partial=True)(stream)
+        return _IsolatedRng(stream) if info is None else stream

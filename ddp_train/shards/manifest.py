@@ -1,0 +1,137 @@
+"""The shard manifest ``_info.json``: what a packed dataset holds, read by packer, loader and timm.
+
+The layout is a superset of the one timm's ``ReaderWds`` reads
+(``splits.{name}.{name,num_samples,filenames,shard_lengths}``, file names relative to the
+dataset root). ddp-train adds class names, per-class counts and sha256 per shard, and the pack
+settings. See ``shards/README.md`` for the full format.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+INFO_NAME = "_info.json"
+PROBLEMS_NAME = "problematic_files.jsonl"
+FORMAT = "ddp-train-shards"
+VERSION = 1
+
+
+@dataclass
+class SplitInfo:
+    """One split: its shards in order, with sample counts, hashes and class balance."""
+
+    name: str
+    num_samples: int
+    filenames: list[str]  # relative to the dataset root
+    shard_lengths: list[int]  # samples per shard, same order as filenames
+    sha256: list[str] = field(default_factory=list)  # hex digest per shard
+    class_counts: list[int] = field(default_factory=list)  # samples per class index
+
+    def __post_init__(self) -> None:
+        if len(self.filenames) != len(self.shard_lengths):
+            raise ValueError(f"split {self.name!r}: {len(self.filenames)} filenames but "
+                             f"{len(self.shard_lengths)} shard_lengths")
+        if sum(self.shard_lengths) != self.num_samples:
+            raise ValueError(f"split {self.name!r}: shard_lengths sum to {sum(self.shard_lengths)}"
+                             f", num_samples says {self.num_samples}")
+
+
+@dataclass
+class Manifest:
+    """A packed dataset: root location, class names in index order, and its splits."""
+
+    root: str  # directory or URL prefix the filenames are relative to (not stored in the file)
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    pack: dict[str, Any] = field(default_factory=dict)  # settings the packer ran with
+    problematic: int = 0  # files skipped while packing (listed in problematic_files.jsonl)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``classes``)."""
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitInfo:
+        """The split called ``name``, or a ValueError naming the splits that exist."""
+        if name not in self.splits:
+            raise ValueError(f"split {name!r} not in {self.root}/{INFO_NAME} "
+                             f"(has: {', '.join(sorted(self.splits)) or 'none'})")
+        return self.splits[name]
+
+    def urls(self, name: str) -> list[str]:
+        """Full shard locations of split ``name`` (local paths, URLs or ``pipe:`` commands)."""
+        return [join(self.root, f) for f in self.split(name).filenames]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``_info.json`` document."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "classes": list(self.classes),
+            "num_classes": self.num_classes,
+            "splits": {k: asdict(v) for k, v in self.splits.items()},
+            "pack": self.pack,
+            "problematic": self.problematic,
+        }
+
+
+def join(root: str, name: str) -> str:
+    """Location of file ``name`` of a dataset whose root is ``root``.
+
+    ``root`` is a local folder, a URL prefix webdataset opens (``http://...``), or a template
+    holding ``{}`` for the file name, e.g. ``pipe:aws s3 cp s3://bucket/ds/{} -`` for object
+    stores (webdataset runs the command and reads its stdout).
+    """
+    if "{}" in root:
+        return root.replace("{}", name)
+    if root.startswith("pipe:"):
+        raise ValueError(f"a pipe: shard root needs a {{}} where the file name goes: {root!r}")
+    if "://" in root:
+        return root.rstrip("/") + "/" + name
+    return os.path.join(root, name)
+
+
+def is_remote(root: str) -> bool:
+    """True when ``root`` is opened through webdataset (URL, pipe: or template), not the OS."""
+    return "{}" in root or "://" in root or root.startswith("pipe:")
+
+
+def load_manifest(root: str) -> Manifest:
+    """Read ``root/_info.json`` (local or any URL webdataset can open) into a Manifest."""
+    path = join(root, INFO_NAME)
+    try:
+        if is_remote(root):
+            import webdataset as wds  # only needed for remote roots
+
+            with wds.gopen(path, "rb") as f:
+                doc = json.load(f)
+        else:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {path}: pack a dataset first "
+                                f"(ddp-shards pack SRC --out {root})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        splits = {k: SplitInfo(**{f: v[f] for f in SplitInfo.__dataclass_fields__ if f in v})
+                  for k, v in doc["splits"].items()}
+        classes = list(doc["classes"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a ddp-train shard manifest (missing {e})") from None
+    return Manifest(root=root, classes=classes, splits=splits, pack=doc.get("pack", {}),
+                    problematic=int(doc.get("problematic", 0)))
+
+
+def write_manifest(manifest: Manifest, directory: str) -> str:
+    """Write ``directory/_info.json`` atomically (temp file then rename); return its path."""
+    path = os.path.join(directory, INFO_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_json(), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

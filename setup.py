@@ -1,0 +1,38 @@
+"""ddp-train: train timm image classifiers on WebDataset shards with DDP or DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ddp-train",
+    version="0.1.0",
+    description="Train timm image classifiers on WebDataset shards across many GPUs and many days.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ddp_train", "ddp_train.*"]),
+    install_requires=[
+        # torch/torchvision are pinned by the user's platform (CUDA build); we only set a floor.
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0",
+        "webdataset>=0.2.86",
+        "pyyaml>=6",
+        "rich>=13",
+        "numpy>=1.24",
+        "pillow>=10",
+        "scikit-learn>=1.3",  # ships the bundled demo data (digits)
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "accelerate": ["accelerate>=0.30"],
+        "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ddp-train=ddp_train.__main__:main",
+            "ddp-shards=ddp_train.shards.__main__:main",
+        ],
+    },
+)
