@@ -1,5 +1,8 @@
 """Typed configuration: one dataclass per component, loaded from YAML plus dotted overrides.
 
+The defaults are the bundled demo (scikit-learn digits, resnet10t at 32 px, 8 epochs); the files
+in ``configs/`` show real recipes.
+
 YAML is data only (``yaml.safe_load``). Unknown keys, wrong types and impossible values raise
 :class:`ConfigError` with one line naming the key (and the file); ``python -m ddp_train`` turns
 that into exit code 2 without a traceback. Every field carries a one-line doc in its metadata,
@@ -66,9 +69,9 @@ class DataConfig:
     std: list = doc([0.229, 0.224, 0.225], "per-channel normalisation std (RGB)")
     interpolation: str = doc("bilinear", "resize interpolation: bilinear, bicubic, nearest")
     crop_pct: float = doc(1.0, "eval: resize to image_size/crop_pct then centre-crop")
-    scale: list = doc([0.08, 1.0], "train RandomResizedCrop area range")
-    ratio: list = doc([0.75, 1.3333333], "train RandomResizedCrop aspect range")
-    hflip: float = doc(0.5, "train horizontal flip probability")
+    scale: list = doc([0.6, 1.0], "train RandomResizedCrop area range (timm/ImageNet: [0.08, 1])")
+    ratio: list = doc([0.8, 1.25], "train RandomResizedCrop aspect range (timm: [0.75, 1.333])")
+    hflip: float = doc(0.0, "train horizontal flip probability (0 for digits and text)")
     color_jitter: float = doc(0.0, "train colour jitter strength (0 = off)")
     pin_memory: bool = doc(True, "pin host memory for faster GPU copies (ignored on CPU)")
     prefetch_factor: int = doc(2, "batches each worker prepares ahead")
@@ -96,7 +99,7 @@ class TrainConfig:
     """Length of training and the per-step recipe."""
 
     batch_size: int = doc(32, "samples per rank per micro-batch")
-    epochs: int = doc(10, "passes over the train split")
+    epochs: int = doc(8, "passes over the train split")
     max_steps: int = doc(0, "stop after this many optimizer steps (0 = epochs decide)")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     clip_grad: float = doc(0.0, "clip the global gradient norm to this value (0 = off)")
@@ -117,7 +120,7 @@ class TrainConfig:
 class ModelConfig:
     """Which timm model to build."""
 
-    name: str = doc("resnet18", "any timm model name (timm.list_models())")
+    name: str = doc("resnet10t", "any timm model name (timm.list_models())")
     pretrained: str = doc("", "local weights file to start from ('' = random init; never downloads)")
     num_classes: int = doc(0, "output classes (0 = from the shard manifest)")
     drop_rate: float = doc(0.0, "dropout before the classifier")
@@ -136,7 +139,7 @@ class OptimConfig:
     """timm optimizer (create_optimizer_v2)."""
 
     name: str = doc("adamw", "timm optimizer name: adamw, sgd, momentum, lamb, lion, ...")
-    lr: float = doc(1e-3, "peak learning rate")
+    lr: float = doc(3e-3, "peak learning rate")
     weight_decay: float = doc(0.05, "decoupled/L2 weight decay (not applied to norms and biases)")
     momentum: float = doc(0.9, "momentum for SGD-style optimizers")
     betas: Optional[list] = doc(None, "Adam-style betas [b1, b2] (null = optimizer default)")
@@ -153,7 +156,7 @@ class ScheduleConfig:
     """Learning-rate schedule, stepped once per optimizer update."""
 
     name: str = doc("cosine", "cosine, step, plateau or constant")
-    warmup_epochs: float = doc(0.0, "linear warmup length in epochs (may be fractional)")
+    warmup_epochs: float = doc(0.5, "linear warmup length in epochs (may be fractional)")
     warmup_steps: int = doc(0, "linear warmup length in updates (wins over warmup_epochs)")
     warmup_lr: float = doc(1e-6, "learning rate at the start of warmup")
     min_lr: float = doc(0.0, "floor of the cosine schedule")
@@ -292,6 +295,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key,
                f"expected an integer, got {value!r}")
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
         return float(value)
@@ -383,9 +391,36 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings with flow-style lists: ``mean: [0.485, 0.456, 0.406]``."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v,
+                                                                flow_style=True))
+
+
 def dump_yaml(cfg: Any) -> str:
     """YAML text of the resolved config, sections in declaration order."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def annotated_yaml(cfg: Any) -> str:
+    """The resolved config as YAML with each field's one-line doc as a comment."""
+    lines, section = [], None
+    docs = {key: text for key, _, text in describe(type(cfg))}
+    for key, _, _ in describe(type(cfg)):
+        parts = key.split(".")
+        value = cfg
+        for part in parts:
+            value = getattr(value, part)
+        if len(parts) == 2 and parts[0] != section:
+            section = parts[0]
+            lines.append(f"{section}:")
+        text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True).strip()
+        text = text.removesuffix("\n...").strip()
+        indent = "  " * (len(parts) - 1)
+        lines.append(f"{indent}{parts[-1]}: {text}  # {docs[key]}")
+    return "\n".join(lines) + "\n"
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

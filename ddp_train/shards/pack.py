@@ -1,0 +1,397 @@
+"""Pack an image folder or a CSV of ``path,label[,split]`` into WebDataset shards plus a manifest.
+
+The flow is linear: scan the source into :class:`Item` s, drop items with an unknown label,
+split each class with a seeded generator, shuffle each split, decode every image once in a
+process pool, and write the decodable ones with ``webdataset.ShardWriter`` into a temporary
+folder that is moved into place only when the manifest is written. The layout is described in
+``shards/README.md``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import io
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                           TextColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from .. import __version__
+from .report import sha256_file
+from .manifest import PROBLEMS_NAME, Manifest, SplitInfo, write_manifest
+
+SPLITS = ("train", "val", "test")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")  # auto: a bar on a terminal, lines otherwise
+# PIL format -> sample key. These are the formats timm's ReaderWds looks for ("jpg;png;webp").
+# MPO is what PIL calls the multi-picture JPEGs phones write: the bytes are a valid JPEG.
+STORED = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+SAVE_ARGS = {"jpg": dict(format="JPEG", quality=95), "png": dict(format="PNG"),
+             "webp": dict(format="WEBP", quality=95)}
+PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+# Fixed tar member mtime: TarWriter stamps time.time() by default, which would make two packs
+# with the same seed differ. With it, same source + seed -> byte-identical shards and sha256.
+SHARD_MTIME = 0
+
+
+class PackError(ValueError):
+    """A problem with the user's input or settings; the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source file: where to read it, its class name, and an optional forced split."""
+
+    path: str
+    label: str
+    split: str | None = None  # "train"/"val"/"test" wins over the seeded split; None: assign one
+
+
+def scan_folder(src: str) -> tuple[list[Item], list[str]]:
+    """Items of an ImageFolder tree (class = top-level sub-folder, classes sorted by name).
+
+    Files are taken by extension (any format PIL can open), recursively, hidden names skipped,
+    in sorted order so the seeded split is reproducible.
+    """
+    classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    exts = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    items = []
+    for label in classes:
+        for folder, subdirs, files in os.walk(os.path.join(src, label), followlinks=True):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            items += [Item(os.path.abspath(os.path.join(folder, f)), label) for f in sorted(files)
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
+    return items, classes
+
+
+def scan_csv(src: str) -> tuple[list[Item], list[str]]:
+    """Items of a CSV with a header naming ``path,label`` and optionally ``split``.
+
+    Relative paths are relative to the CSV's folder. Classes are the sorted non-empty labels.
+    """
+    base = os.path.dirname(os.path.abspath(src))
+    with open(src, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate Excel's BOM
+        rows = csv.DictReader(f)
+        if not {"path", "label"} <= set(rows.fieldnames or []):
+            raise PackError(f"{src}: the header must name the columns path,label[,split] "
+                            f"(found {','.join(rows.fieldnames or []) or 'nothing'})")
+        items = [Item(os.path.join(base, (row["path"] or "").strip()), (row["label"] or "").strip(),
+                      (row.get("split") or "").strip() or None) for row in rows]
+    return items, sorted({item.label for item in items if item.label})
+
+
+def assign_splits(items: Sequence[Item], classes: Sequence[str], val_fraction: float,
+                  test_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Split items per class (stratified) with a seeded generator; an explicit ``Item.split`` wins.
+
+    Every item's label must be in ``classes``. Each class gets ``round(n * fraction)`` val and
+    test items out of its n items without an explicit split. Every split is then shuffled,
+    seeded, so that a shard mixes the classes.
+    """
+    splits: dict[str, list[Item]] = {name: [] for name in SPLITS}
+    free: dict[str, list[Item]] = {label: [] for label in classes}
+    for item in items:
+        (splits[item.split] if item.split else free[item.label]).append(item)
+    for label, group in free.items():
+        # One generator per class: a class's split does not change when other classes change.
+        random.Random(f"{seed}/{label}").shuffle(group)
+        n_val = int(len(group) * val_fraction + 0.5)
+        n_test = min(int(len(group) * test_fraction + 0.5), len(group) - n_val)
+        splits["val"] += group[:n_val]
+        splits["test"] += group[n_val:n_val + n_test]
+        splits["train"] += group[n_val + n_test:]
+    for name, group in splits.items():
+        random.Random(f"{seed}/{name}").shuffle(group)
+    return splits
+
+
+def load_image(job: tuple[str, int | None]) -> tuple[bytes, str, list[int]] | str:
+    """Read and fully decode one file (runs in a pool worker).
+
+    Returns ``(bytes to store, sample key jpg/png/webp, original [w, h])``, or the reason the
+    file is unusable as a string.
+    """
+    path, max_side = job
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode every pixel: a truncated JPEG fails here (no LOAD_TRUNCATED_IMAGES)
+            return _encode(img, data, max_side)
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as e:  # PIL plugins raise many types on bad data (OSError, SyntaxError, ...)
+        return f"corrupt image: {type(e).__name__}: {e}"
+
+
+def _encode(img: Image.Image, data: bytes, max_side: int | None) -> tuple[bytes, str, list[int]]:
+    """The bytes to store for a decoded image: the original file unless it must be re-encoded."""
+    size = list(img.size)
+    ext = STORED.get(img.format or "")
+    shrink = max_side is not None and max(img.size) > max_side
+    if ext and not shrink:
+        return data, ext, size  # keep the original bytes: no quality loss and no encoding work
+    if shrink:
+        img.thumbnail((max_side, max_side))  # keeps the aspect ratio
+    if ext is None:
+        # BMP/TIFF/GIF/...: timm's reader only looks for jpg/png/webp, and PNG is lossless.
+        ext = "png"
+        if img.mode not in PNG_MODES:
+            img = img.convert("RGBA" if "A" in img.mode else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, **SAVE_ARGS[ext])
+    return buf.getvalue(), ext, size
+
+
+class RateColumn(ProgressColumn):
+    """Files per second (rich only ships a bytes-per-second column)."""
+
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed or 0:.0f} files/s")
+
+
+class FileProgress:
+    """Files-done reporting: a rich bar on a terminal, otherwise a plain line every 5 s or 10%."""
+
+    def __init__(self, total: int, mode: str = "auto"):
+        self.mode = ("bar" if sys.stdout.isatty() else "lines") if mode == "auto" else mode
+        self.total, self.done = total, 0
+        self.start = self.last = time.monotonic()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            RateColumn(), TimeRemainingColumn()) if self.mode == "bar" else None
+
+    def __enter__(self) -> "FileProgress":
+        if self.bar:
+            self.bar.start()
+            self.task = self.bar.add_task("packing", total=self.total)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def advance(self) -> None:
+        """Count one file done."""
+        self.done += 1
+        if self.bar:
+            self.bar.advance(self.task)
+            return
+        now = time.monotonic()
+        step = max(1, self.total // 10)
+        if self.mode == "lines" and (now - self.last >= 5 or self.done % step == 0
+                                     or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"packed {self.done}/{self.total} files ({rate:.0f} files/s, ETA {eta:.0f} s)",
+                  flush=True)
+
+
+def _check_settings(val_fraction: float, test_fraction: float, shard_size: int,
+                    max_shard_bytes: int, resize: int | None, workers: int, progress: str) -> None:
+    if progress not in PROGRESS_MODES:
+        raise PackError(f"progress must be one of {', '.join(PROGRESS_MODES)}, not {progress!r}")
+    for name, value in (("val fraction", val_fraction), ("test fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise PackError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise PackError(f"val + test fractions must sum to less than 1 (leaving a train split), "
+                        f"got {val_fraction} + {test_fraction}")
+    for name, value in (("shard size", shard_size), ("max shard bytes", max_shard_bytes),
+                        ("workers", workers), ("resize", resize or 1)):
+        if value < 1:
+            raise PackError(f"{name} must be at least 1, got {value}")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PackError(f"output {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise PackError(f"output folder {out} is not empty (use --overwrite to replace it)")
+
+
+def _problem(item: Item, reason: str) -> dict[str, str]:
+    return {"path": item.path, "label": item.label, "reason": reason}
+
+
+def _triage(items: Sequence[Item], classes: Sequence[str]) -> tuple[list[Item], list[dict]]:
+    """Items whose label and split are valid, and a problem record for each of the others."""
+    known = set(classes)
+    usable, problems = [], []
+    for item in items:
+        if not item.label:
+            problems.append(_problem(item, "empty label"))
+        elif item.label not in known:
+            problems.append(_problem(item, f"unknown label {item.label!r}"))
+        elif item.split and item.split not in SPLITS:
+            problems.append(_problem(item, f"unknown split {item.split!r} (use train/val/test)"))
+        else:
+            usable.append(item)
+    return usable, problems
+
+
+def _write_split(name: str, items: list[Item], classes: Sequence[str], folder: str,
+                 decoded: Any, new_writer: Callable, bar: FileProgress,
+                 problems: list[dict]) -> SplitInfo:
+    """Write one split's decodable items as ``folder/{name}-NNNNNN.tar``; log the others."""
+    index = {label: i for i, label in enumerate(classes)}
+    counts = [0] * len(classes)
+    shards: list[tuple[str, int, str]] = []  # (file name, samples, sha256) per closed shard
+    writer, written = None, 0
+
+    def record(fname: str) -> None:  # ShardWriter's post= hook: runs right after a shard closes
+        shards.append((os.path.basename(fname), writer.count, sha256_file(fname)))
+
+    for item, result in zip(items, decoded):
+        bar.advance()
+        if isinstance(result, str):
+            problems.append(_problem(item, result))
+            continue
+        data, ext, size = result
+        if writer is None:  # ShardWriter opens a shard when created: an empty split gets none
+            writer = new_writer(os.path.join(folder, f"{name}-%06d.tar"), post=record)
+        writer.write({"__key__": f"{name}_{written:08d}", ext: data, "cls": index[item.label],
+                      "json": {"path": item.path, "size": size, "label": item.label}})
+        counts[index[item.label]] += 1
+        written += 1
+    if writer is not None:
+        writer.close()
+    return SplitInfo(name=name, num_samples=written, filenames=[s[0] for s in shards],
+                     shard_lengths=[s[1] for s in shards], sha256=[s[2] for s in shards],
+                     class_counts=counts)
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+    """Swap the finished temp folder in; an old ``out`` is removed only after the swap."""
+    old = tmp + ".old"
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_splits(splits: dict[str, list[Item]], classes: Sequence[str], folder: str,
+                  new_writer: Callable, resize: int | None, workers: int, progress: str,
+                  problems: list[dict]) -> dict[str, SplitInfo]:
+    """Decode every item in a process pool and write each split's shards into ``folder``."""
+    infos = {}
+    total = sum(len(group) for group in splits.values())
+    chunk = max(1, min(64, total // (8 * workers)))  # few round trips, yet balanced over workers
+    with multiprocessing.Pool(workers) as pool, FileProgress(total, progress) as bar:
+        for name, group in splits.items():
+            # Ordered imap: results come back in input order whatever the worker count,
+            # so the shards are the same for 1 or 64 workers.
+            decoded = pool.imap(load_image, [(item.path, resize) for item in group], chunk)
+            infos[name] = _write_split(name, group, classes, folder, decoded, new_writer, bar,
+                                       problems)
+    return infos
+
+
+def _write_problems(folder: str, problems: list[dict]) -> None:
+    """``problematic_files.jsonl``: one {path, label, reason} object per line, sorted by path."""
+    with open(os.path.join(folder, PROBLEMS_NAME), "w", encoding="utf-8") as f:
+        for problem in sorted(problems, key=lambda p: p["path"]):
+            f.write(json.dumps(problem) + "\n")
+
+
+def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
+               val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+               shard_size: int = 1000, max_shard_bytes: int = 256 * 2**20,
+               resize: int | None = None, workers: int | None = None, overwrite: bool = False,
+               progress: str = "auto", source: str = "") -> Manifest:
+    """Pack ``items`` (class index = position in ``classes``) into shards under ``out``.
+
+    Writes ``{train,val,test}-NNNNNN.tar``, ``_info.json`` and ``problematic_files.jsonl``.
+    ``resize`` shrinks images whose longer side exceeds it; ``progress`` is auto (bar on a
+    terminal, lines otherwise), bar, lines or none; ``source`` is recorded in the manifest.
+    Raises PackError for bad settings, a non-empty ``out`` without ``overwrite``, a class
+    without files, or when no image at all could be decoded.
+    """
+    workers = workers or os.cpu_count() or 1
+    _check_settings(val_fraction, test_fraction, shard_size, max_shard_bytes, resize, workers,
+                    progress)
+    _check_out(out, overwrite)
+    usable, problems = _triage(items, classes)
+    empty = sorted(set(classes) - {item.label for item in usable})
+    if empty:  # a typo in --classes or an empty class folder: fail now, not at training time
+        raise PackError(f"no files for class(es) {', '.join(empty)}")
+    splits = assign_splits(usable, classes, val_fraction, test_fraction, seed)
+    settings = dict(source=source, seed=seed, val_fraction=val_fraction,
+                    test_fraction=test_fraction, shard_size=shard_size,
+                    max_shard_bytes=max_shard_bytes, resize=resize, workers=workers,
+                    created=datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds"),
+                    ddp_train_version=__version__)
+    import webdataset as wds  # imports torch (seconds): after the checks, before the clock starts
+
+    new_writer = functools.partial(wds.ShardWriter, maxcount=shard_size, maxsize=max_shard_bytes,
+                                   verbose=0, mtime=SHARD_MTIME)
+    # Build in a hidden sibling folder: a crash leaves ".NAME.partial-PID", never a half dataset
+    # at ``out``, and the rename at the end is atomic on one filesystem. (Not tempfile.mkdtemp:
+    # its 0700 mode would end up on the dataset folder.)
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run that had our pid
+    os.makedirs(tmp)
+    try:
+        infos = _write_splits(splits, classes, tmp, new_writer, resize, workers, progress,
+                              problems)
+        if not any(info.num_samples for info in infos.values()):
+            raise PackError(f"none of {len(items)} files could be used, e.g. "
+                            f"{problems[0]['path']}: {problems[0]['reason']}")
+        _write_problems(tmp, problems)
+        manifest = Manifest(root=out, classes=list(classes), splits=infos, pack=settings,
+                            problematic=len(problems))
+        write_manifest(manifest, tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful move
+    return manifest
+
+
+def pack(src: str, out: str | None = None, *, classes: Sequence[str] | None = None,
+         **settings: Any) -> Manifest:
+    """Pack an image folder or a ``path,label[,split]`` CSV; ``settings`` are pack_items' keywords.
+
+    ``out`` defaults to ``shards/<name of SRC>``; ``classes`` restricts and orders the classes
+    (files of other classes are logged as unknown labels).
+    """
+    if not os.path.exists(src):
+        raise PackError(f"source {src} does not exist")
+    name = os.path.splitext(os.path.basename(os.path.normpath(src)))[0]  # "data/cats.csv" -> "cats"
+    out = out or os.path.join("shards", name)
+    src_abs, out_abs = os.path.realpath(src), os.path.realpath(out)
+    if src_abs == out_abs or src_abs.startswith(out_abs + os.sep):
+        raise PackError(f"output {out} would contain the source {src}")
+    items, found = scan_folder(src) if os.path.isdir(src) else scan_csv(src)
+    if not items:
+        raise PackError(f"no image files found in {src}")
+    return pack_items(items, list(classes) if classes else found, out,
+                      source=os.path.abspath(src), **settings)
+
+
+def summary(manifest: Manifest) -> str:
+    """One line for humans: samples per split, shard count, and where problems are listed."""
+    splits = " / ".join(f"{k} {v.num_samples}" for k, v in manifest.splits.items())
+    shards = sum(len(v.filenames) for v in manifest.splits.values())
+    line = f"packed {splits} samples into {shards} shards at {manifest.root}"
+    if manifest.problematic:
+        line += (f"; skipped {manifest.problematic} problematic files, listed in "
+                 f"{os.path.join(manifest.root, PROBLEMS_NAME)}")
+    return line

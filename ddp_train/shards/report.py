@@ -1,0 +1,80 @@
+"""Read-only views of a packed dataset: the ``ddp-shards info`` tables and ``verify`` re-hashing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from rich.table import Table
+
+from .manifest import Manifest, join
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(manifest: Manifest) -> str:
+    """One header line: where, how many classes, how it was packed, how many files were skipped."""
+    p = manifest.pack
+    line = f"{manifest.root}: {manifest.num_classes} classes"
+    if p:
+        line += (f", packed {p.get('created', '?')} from {p.get('source', '?')} "
+                 f"(seed {p.get('seed', '?')}, resize {p.get('resize') or 'off'})")
+    return line + f", {manifest.problematic} problematic files skipped"
+
+
+def split_table(manifest: Manifest) -> Table:
+    """Shards, samples and share of all samples per split."""
+    total = sum(s.num_samples for s in manifest.splits.values()) or 1
+    table = Table(title="splits")
+    for column in ("split", "shards", "samples", "share", "samples/shard"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, s in manifest.splits.items():
+        per_shard = f"{min(s.shard_lengths)}-{max(s.shard_lengths)}" if s.shard_lengths else "-"
+        table.add_row(name, str(len(s.filenames)), str(s.num_samples),
+                      f"{100 * s.num_samples / total:.1f}%", per_shard)
+    return table
+
+
+def class_table(manifest: Manifest) -> Table:
+    """Per-class sample counts in each split, with the class's share of that split."""
+    table = Table(title="class balance")
+    table.add_column("#", justify="right")
+    table.add_column("class")
+    for name in manifest.splits:
+        table.add_column(name, justify="right")
+    for index, label in enumerate(manifest.classes):
+        cells = []
+        for s in manifest.splits.values():
+            count = s.class_counts[index] if index < len(s.class_counts) else 0
+            cells.append(f"{count} ({100 * count / s.num_samples:.0f}%)" if s.num_samples else "0")
+        table.add_row(str(index), label, *cells)
+    return table
+
+
+def verify(manifest: Manifest) -> tuple[list[str], int]:
+    """Re-hash every shard of a local dataset against the manifest.
+
+    Returns (one message per missing or mismatched shard, number of shards checked).
+    """
+    if "://" in manifest.root:
+        raise ValueError(f"verify reads local shards only, not {manifest.root}")
+    problems, checked = [], 0
+    for split in manifest.splits.values():
+        if len(split.sha256) != len(split.filenames):
+            problems.append(f"split {split.name}: manifest has no sha256 for every shard")
+            continue
+        for fname, expected in zip(split.filenames, split.sha256):
+            path = join(manifest.root, fname)
+            checked += 1
+            if not os.path.isfile(path):
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != expected:
+                problems.append(f"{path}: sha256 mismatch (shard changed since packing)")
+    return problems, checked

@@ -1,0 +1,207 @@
+"""Checkpoints: atomic writes, sidecars, weights_only state, RNG, resume, pruning, timm loading."""
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import timm.scheduler
+import torch
+
+from ddp_train import checkpoint as ckpt
+from ddp_train.checkpoint import CheckpointError, CheckpointManager, config_hash
+from ddp_train.config import CheckpointConfig, Config
+from ddp_train.dist import DistInfo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = DistInfo()
+
+
+def tiny_state(step: int) -> dict:
+    return {"model": {"w": torch.full((4,), float(step))}, "step": step, "epoch": 0}
+
+
+def manager(tmp_path, keep_last: int = 0, dist: DistInfo = MAIN) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(keep_last=keep_last), str(tmp_path / "ck"), dist)
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
+    m = manager(tmp_path)
+    m.save(tiny_state(1), {}, step=1, epoch=0, periodic=False)
+
+    def crash_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        m.save(tiny_state(2), {}, step=2, epoch=0, periodic=False)
+    assert ckpt.load(m.path("last.pt"))["step"] == 1
+    assert ckpt.read_meta(m.path("last.pt"))["step"] == 1
+    assert sorted(os.listdir(m.directory)) == ["last.pt", "last.pt.json"]  # temp file removed
+
+
+def test_killed_save_keeps_old_file_and_temp_is_cleaned(tmp_path):
+    m = manager(tmp_path)
+    m.save(tiny_state(1), {}, step=1, epoch=0, periodic=False)
+    # A real kill: the child dies inside torch.save with no chance to clean up.
+    child = textwrap.dedent(f"""
+        import os, torch
+        from ddp_train.checkpoint import save_atomic
+        def die(obj, f, *a, **k):
+            f.write(b"PK\\x03\\x04 torn"); f.flush(); os._exit(9)
+        torch.save = die
+        save_atomic({m.path("last.pt")!r}, {{"step": 2}}, {{"step": 2}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 9
+    leftovers = [n for n in os.listdir(m.directory) if n.endswith(".tmp")]
+    assert len(leftovers) == 1
+    assert ckpt.load(m.path("last.pt"))["step"] == 1
+    manager(tmp_path)  # the next run's manager drops the torn temp file
+    assert sorted(os.listdir(m.directory)) == ["last.pt", "last.pt.json"]
+
+
+def test_sidecar_describes_checkpoint(tmp_path):
+    m = manager(tmp_path, dist=DistInfo(world_size=1))
+    state = {**tiny_state(7), "config_hash": "abc123def456"}
+    meta = {"config_hash": "abc123def456", "model_name": "test_resnet", "num_classes": 3}
+    path = m.save(state, meta, step=7, epoch=2, periodic=False)
+    side = json.loads(open(path + ".json").read())
+    assert side["format"] == ckpt.FORMAT
+    assert (side["step"], side["epoch"], side["world_size"]) == (7, 2, 1)
+    assert side["model_name"] == "test_resnet" and side["num_classes"] == 3
+    assert side["config_hash"] == "abc123def456"
+    assert side["size"] == os.path.getsize(path)
+    assert side["keys"] == sorted(state)
+    assert isinstance(side["time"], float)
+
+
+def test_full_state_loads_weights_only(tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched = timm.scheduler.CosineLRScheduler(opt, t_initial=10, warmup_t=2, warmup_lr_init=1e-5)
+    sched.step_update(3)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu").state_dict(), "scheduler": sched.state_dict(),
+             "ema": model.state_dict(), "loader": {"epoch": 1, "batches": 17},
+             "rng": ckpt.rng_state(), "step": 3, "epoch": 1, "config_hash": "0" * 12}
+    path = str(tmp_path / "full.pt")
+    ckpt.save_atomic(path, state, {"step": 3})
+    loaded = ckpt.load(path)  # weights_only=True inside
+    assert loaded["scheduler"] == sched.state_dict()
+    assert loaded["loader"] == state["loader"] and loaded["step"] == 3
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    ckpt.set_rng_state(loaded["rng"])
+
+
+def test_load_rejects_corrupt_and_missing_files(tmp_path):
+    path = str(tmp_path / "x.pt")
+    ckpt.save_atomic(path, tiny_state(1), {})
+    truncate(path)
+    with pytest.raises(CheckpointError, match="x.pt"):
+        ckpt.load(path)
+    with pytest.raises(FileNotFoundError):
+        ckpt.load(str(tmp_path / "missing.pt"))
+
+
+def test_rng_round_trip_reproduces_draws(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    path = str(tmp_path / "rng.pt")
+    ckpt.save_atomic(path, {"rng": ckpt.rng_state()}, {})
+    draws = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.set_rng_state(ckpt.load(path)["rng"])
+    again = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_keep_last_prunes_step_files(tmp_path):
+    m = manager(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        m.save(tiny_state(step), {}, step=step, epoch=0, periodic=True)
+    m.save(tiny_state(5), {}, step=5, epoch=0, periodic=False)  # not periodic: last.pt only
+    assert sorted(os.listdir(m.directory)) == [
+        "last.pt", "last.pt.json", "step_00000003.pt", "step_00000003.pt.json",
+        "step_00000004.pt", "step_00000004.pt.json"]
+    assert ckpt.load(m.path("last.pt"))["step"] == 5
+
+
+def test_no_step_files_when_keep_last_is_zero(tmp_path):
+    m = manager(tmp_path, keep_last=0)
+    m.save(tiny_state(1), {}, step=1, epoch=0, periodic=True)
+    assert sorted(os.listdir(m.directory)) == ["last.pt", "last.pt.json"]
+
+
+def test_only_rank_zero_writes(tmp_path):
+    m = manager(tmp_path, keep_last=2, dist=DistInfo(rank=1, world_size=2))
+    assert m.save(tiny_state(1), {}, step=1, epoch=0, periodic=True) is None
+    assert m.save_best(tiny_state(1), {}) is None
+    assert not os.path.exists(m.directory)
+
+
+def test_resume_auto_picks_newest_loadable(tmp_path):
+    m = manager(tmp_path, keep_last=3)
+    assert m.resume_path("auto") is None  # nothing saved yet
+    for step in (1, 2, 3):
+        m.save(tiny_state(step), {}, step=step, epoch=0, periodic=True)
+    m.save_best(tiny_state(3), {})  # best.pt is never a resume candidate
+    assert m.resume_path("auto") == m.path("last.pt")  # ties with step 3: last.pt wins
+
+    truncate(m.path("last.pt"))
+    with pytest.warns(UserWarning, match="last.pt"):
+        assert m.resume_path("auto") == m.path("step_00000003.pt")
+
+    truncate(m.path("step_00000003.pt"))
+    with pytest.warns(UserWarning) as caught:
+        assert m.resume_path("auto") == m.path("step_00000002.pt")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "last.pt" in messages[0] and "step_00000003.pt" in messages[1]
+
+
+def test_resume_empty_and_explicit_paths(tmp_path):
+    m = manager(tmp_path)
+    assert m.resume_path("") is None
+    path = m.save(tiny_state(1), {}, step=1, epoch=0, periodic=False)
+    assert m.resume_path(path) == path
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        m.resume_path(str(tmp_path / "nope.pt"))
+
+
+def test_best_loads_into_timm_create_model(tmp_path):
+    assert "test_resnet" in timm.list_models("test_*")
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    m = manager(tmp_path)
+    state = {"model": model.state_dict(), "ema": None, "step": 10, "epoch": 1}
+    path = m.save_best(state, {"model_name": "test_resnet", "num_classes": 3})
+    assert ckpt.read_meta(path)["step"] == 10
+    torch.manual_seed(1)  # different init, so equality below proves the load
+    loaded = timm.create_model("test_resnet", num_classes=3, checkpoint_path=path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_config_hash_is_canonical():
+    h = config_hash({"a": 1, "b": [1, 2]})
+    assert len(h) == 12 and int(h, 16) >= 0
+    assert h == config_hash({"b": [1, 2], "a": 1})
+    assert h != config_hash({"a": 2, "b": [1, 2]})
+    cfg = Config()
+    assert config_hash(cfg) == config_hash(Config())
+    cfg.train.batch_size = 64
+    assert config_hash(cfg) != config_hash(Config())
