@@ -225,13 +225,13 @@ class LogConfig:
 
     interval: int = doc(10, "plain console line every N steps when not on a terminal")
     progress: str = doc("auto", "auto (rich bar on a terminal, plain lines otherwise), rich, "
-                        "plain or off")
+                        "plain or none")
     tensorboard: bool = doc(False, "also write TensorBoard event files to <run>/tb")
     wandb: bool = doc(False, "also log to Weights & Biases in offline mode (<run>/wandb)")
 
     def __post_init__(self) -> None:
         _check(self.interval >= 1, "log.interval", "must be >= 1")
-        _one_of(self.progress, "log.progress", ("auto", "rich", "plain", "off"))
+        _one_of(self.progress, "log.progress", ("auto", "rich", "plain", "none"))
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""Model, optimizer and LR schedule from their config sections, all through timm's factories."""
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from .config import ConfigError, ModelConfig, OptimConfig, ScheduleConfig
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    """``timm.create_model`` by name; pretrained weights only from a local file, never a download.
+
+    ``cfg.num_classes`` (when > 0) must agree with the dataset's class count.
+    """
+    if cfg.num_classes and cfg.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.num_classes} but the shards hold "
+                          f"{num_classes} classes")
+    if cfg.name not in timm.list_models():
+        raise ConfigError(f"model.name: {cfg.name!r} is not a timm model "
+                          f"(see timm.list_models('*{cfg.name.split('_')[0]}*'))")
+    kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate, **cfg.kwargs)
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.pretrained:
+        if not os.path.isfile(cfg.pretrained):
+            raise ConfigError(f"model.pretrained: {cfg.pretrained} is not a file (weights are "
+                              "only ever read from a local file)")
+        # timm's own pretrained path with a local file: it adapts the classifier to num_classes
+        # (and input channels) exactly as it would for hub weights, but fetches nothing.
+        return timm.create_model(cfg.name, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=cfg.pretrained), **kwargs)
+    return timm.create_model(cfg.name, pretrained=False, **kwargs)
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm ``create_optimizer_v2``: weight decay skips biases and norm parameters."""
+    kwargs = {}
+    if cfg.betas is not None:
+        kwargs["betas"] = tuple(cfg.betas)
+    if cfg.eps is not None:
+        kwargs["eps"] = cfg.eps
+    try:
+        return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum, **kwargs)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"optim.name: {cfg.name!r} ({e})") from None
+
+
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *,
+                    updates_per_epoch: int, total_updates: int, metric_mode: str = "max"):
+    """A timm scheduler counted in optimizer updates (``step_update``), warmup included.
+
+    ``plateau`` is the exception: timm steps it per evaluation with the metric (``step``);
+    ``metric_mode`` says whether that metric improves upwards ("max") or downwards ("min").
+    """
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_epochs * updates_per_epoch))
+    if cfg.name == "plateau":
+        return create_scheduler_v2(optimizer, sched="plateau", num_epochs=total_updates,
+                                   decay_rate=cfg.gamma, patience_epochs=cfg.patience,
+                                   warmup_lr=cfg.warmup_lr, warmup_epochs=0, min_lr=cfg.min_lr,
+                                   plateau_mode=metric_mode)[0]
+    # Everything is expressed in updates (updates_per_epoch=1) so schedules are identical
+    # whatever the epoch length, and warmup may end mid-epoch.
+    sched = {"cosine": "cosine", "step": "step", "constant": "step"}[cfg.name]
+    decay = cfg.step_size * updates_per_epoch if cfg.name == "step" else total_updates + 1
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=total_updates, decay_epochs=decay,
+        decay_rate=cfg.gamma if cfg.name == "step" else 1.0, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=warmup, step_on_epochs=False, updates_per_epoch=1)
+    return scheduler
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the first parameter group (what logs report)."""
+    return float(optimizer.param_groups[0]["lr"])

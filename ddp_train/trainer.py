@@ -1,0 +1,256 @@
+"""The training loop: build everything from the config, then train/eval/checkpoint in fixed order.
+
+The loop reads top to bottom with plain calls: next batch -> forward -> backward -> engine.step
+-> (on an optimizer update) schedule, log, eval when due, checkpoint when due, stop when due.
+DDP versus single process is hidden behind :mod:`ddp_train.engine`; rank 0 versus the rest
+behind the logger (a NullLogger off rank 0) and the checkpoint manager (rank 0 writes).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, to_dict
+from .data import build_loader
+from .dist import DistInfo, all_gather_objects
+from .engine import build_engine
+from .metrics import EarlyStopping, evaluate
+from .recipe import build_model, build_optimizer, build_scheduler, current_lr
+from .runlog import create_run_dir, make_logger, problems_path, write_config
+from .shards.manifest import load_manifest
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint must restore besides weights and optimizer."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # current epoch (the loader's epoch counter)
+    stop_reason: str = ""  # set when early stopping or max_steps ends the run
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (model init must be identical on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns one run: its folder, model, engine, loaders, schedule, logger and checkpoints."""
+
+    def __init__(self, cfg: Config, dist: DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist
+        try:
+            self.run_dir = create_run_dir(cfg.run, dist)
+        except ValueError as e:  # an existing run folder: refuse rather than overwrite it
+            raise ConfigError(f"run: {e}") from None
+        try:
+            self.manifest = load_manifest(cfg.data.shards)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.shards: {e}") from None
+        self.classes = self.manifest.classes
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model, self.manifest.num_classes)
+        self.engine = build_engine(cfg.engine, model, build_optimizer(cfg.optim, model), dist,
+                                   grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
+                                   channels_last=cfg.train.channels_last,
+                                   compile=cfg.train.compile)
+        # Different dropout / drop-path draws per rank, after the shared initialisation.
+        torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.train_loader = self._loader(cfg.data.train_split, train=True)
+        self.updates_per_epoch = len(self.train_loader) // cfg.train.grad_accum
+        if self.updates_per_epoch == 0:
+            raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} micro-batches exceed the "
+                              f"{len(self.train_loader)} batches of an epoch")
+        self.total_steps = cfg.train.epochs * self.updates_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.scheduler = build_scheduler(cfg.schedule, self.engine.optimizer,
+                                         updates_per_epoch=self.updates_per_epoch,
+                                         total_updates=self.total_steps,
+                                         metric_mode="min" if cfg.early_stop.metric == "loss"
+                                         else "max")
+        self.stopper = EarlyStopping(cfg.early_stop)
+        self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint,
+                                                  os.path.join(self.run_dir, "checkpoints"), dist)
+        self.config_hash = ckpt.config_hash(to_dict(cfg))
+        self.progress = Progress()
+        self.last_eval_step = -1
+        resume_from = self.checkpoints.resume_path(cfg.run.resume)
+        if resume_from:
+            self.restore(resume_from)
+        write_config(self.run_dir, to_dict(cfg), dist)
+        self.log = make_logger(cfg.log, self.run_dir, dist, total_steps=self.total_steps,
+                               resumed_from_step=self.progress.step if resume_from else None,
+                               config=to_dict(cfg))
+        if resume_from:
+            self.log.info(f"resumed from {resume_from} at step {self.progress.step}")
+
+    def _loader(self, split: str, train: bool):
+        batch = self.cfg.train.batch_size if train else (self.cfg.eval.batch_size
+                                                          or self.cfg.train.batch_size)
+        try:
+            return build_loader(self.cfg.data, self.dist, split=split, train=train,
+                                batch_size=batch, seed=self.cfg.seed, manifest=self.manifest,
+                                problems_path=problems_path(self.run_dir))
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train until epochs, max_steps or early stopping; evaluate test at the end."""
+        cfg, p, log = self.cfg, self.progress, self.log
+        log.info(f"run {self.run_dir} | {cfg.model.name} | {self.dist.world_size} rank(s) x "
+                 f"batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} | "
+                 f"{self.updates_per_epoch} updates/epoch | {self.total_steps} updates")
+        log.event("start", step=p.step, world_size=self.dist.world_size)
+        last_val: dict = {}
+        while p.step < self.total_steps and not p.stop_reason:
+            if self.train_loader.consumed == 0:
+                self.train_loader.set_epoch(p.epoch)
+            # Whole accumulation windows only: a trailing partial window would mix epochs.
+            epoch_micro = self.updates_per_epoch * cfg.train.grad_accum
+            t_prev = t_last = time.perf_counter()  # end of the previous update / of fetching
+            data_s, loss_sum = 0.0, torch.zeros((), device=self.dist.device)
+            for images, targets in islice(self.train_loader,
+                                          epoch_micro - self.train_loader.consumed):
+                data_s += time.perf_counter() - t_last
+                images = self.engine.to_device(images)
+                targets = targets.to(self.dist.device, non_blocking=True)
+                with self.engine.autocast():
+                    loss = self.criterion(self.engine.model(images), targets)
+                self.engine.backward(loss)
+                loss_sum += loss.detach().float()
+                out = self.engine.step()
+                t_last = time.perf_counter()
+                if out is None:  # inside an accumulation window
+                    continue
+                p.step += 1
+                self.scheduler.step_update(p.step)
+                # .item() syncs with the device once per update; the grad norm already did.
+                self._log_step(loss_sum.item() / cfg.train.grad_accum, out.grad_norm, data_s,
+                               t_last - t_prev)
+                data_s, loss_sum = 0.0, torch.zeros((), device=self.dist.device)
+                if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
+                    last_val = self.validate() or last_val
+                if p.step >= self.total_steps:
+                    p.stop_reason = p.stop_reason or f"finished {self.total_steps} updates"
+                if p.stop_reason:
+                    break
+                if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                    self.save(periodic=True)
+                t_prev = t_last = time.perf_counter()  # eval/checkpoint time is not data wait
+            if self.train_loader.consumed >= epoch_micro:  # the epoch ran to its end
+                p.epoch += 1
+                self.train_loader.set_epoch(p.epoch)
+                if cfg.eval.every_epoch and self.last_eval_step != p.step:
+                    last_val = self.validate() or last_val
+            self.save(periodic=False)
+        log.info(f"stopped: {p.stop_reason or 'all epochs done'}")
+        result = {"run_dir": self.run_dir, "step": p.step, "epoch": p.epoch, "val": last_val,
+                  "stop_reason": p.stop_reason}
+        if cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split):
+            result["test"] = self.run_eval(cfg.data.test_split)
+        log.event("end", step=p.step, reason=p.stop_reason or "epochs")
+        return result
+
+    def _log_step(self, loss: float, grad_norm: float, data_s: float, step_s: float) -> None:
+        samples = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
+        rec = {"step": self.progress.step, "epoch": self.progress.epoch, "loss": loss,
+               "lr": current_lr(self.engine.optimizer), "grad_norm": grad_norm,
+               "samples_per_s": samples / max(step_s, 1e-9), "data_s": data_s, "step_s": step_s}
+        if self.dist.device.type == "cuda":
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log.log_step(rec)
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def _has(self, split: str) -> bool:
+        return split in self.manifest.splits and self.manifest.splits[split].num_samples > 0
+
+    def run_eval(self, split: str) -> dict:
+        """Evaluate the current weights on ``split`` (every sample exactly once over all ranks)."""
+        loader = self._loader(split, train=False)
+        metrics = evaluate(self.engine.unwrapped, loader, self.criterion,
+                           num_classes=self.manifest.num_classes, class_names=self.classes,
+                           device=self.dist.device, dist=self.dist,
+                           autocast=self.engine_autocast)
+        self.log.log_eval({"split": split, "step": self.progress.step,
+                           "epoch": self.progress.epoch, **metrics})
+        return metrics
+
+    def engine_autocast(self):
+        """Mixed precision for evaluation (no DDP no_sync: eval uses the bare model)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision)
+        return torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def validate(self) -> dict:
+        """Evaluate val, keep best.pt, feed the plateau schedule and early stopping."""
+        split = self.cfg.data.val_split
+        if not split or not self._has(split):
+            return {}
+        metrics = self.run_eval(split)
+        self.last_eval_step = self.progress.step
+        if self.stopper.update(metrics) and self.cfg.checkpoint.save_best:
+            self.checkpoints.save_best(self.state(), self.meta())
+        if self.cfg.schedule.name == "plateau":
+            self.scheduler.step(self.progress.step, metrics[self.cfg.early_stop.metric])
+        if self.stopper.should_stop:
+            self.progress.stop_reason = f"early stop: {self.stopper.reason}"
+        return metrics
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, schedule, data, RNGs."""
+        # Each rank's RNG differs (dropout seeds), so all of them go into rank 0's file.
+        rngs = all_gather_objects(self.dist, ckpt.rng_state())
+        return {**self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": None, "loader": self.train_loader.state_dict(), "rng": rngs,
+                "early_stop": self.stopper.state_dict(), "step": self.progress.step,
+                "epoch": self.progress.epoch, "config_hash": self.config_hash}
+
+    def meta(self) -> dict:
+        """The JSON sidecar: enough to know what a checkpoint is without loading it."""
+        return {"model_name": self.cfg.model.name, "num_classes": self.manifest.num_classes,
+                "classes": self.classes, "image_size": self.cfg.data.image_size,
+                "config_hash": self.config_hash, "engine": self.engine.name}
+
+    def save(self, periodic: bool) -> None:
+        """Write last.pt (and a step file when periodic); rank 0 writes, all ranks gather RNGs."""
+        state = self.state()
+        self.checkpoints.save(state, self.meta(), step=self.progress.step,
+                              epoch=self.progress.epoch, periodic=periodic)
+
+    def restore(self, path: str) -> None:
+        """Load a checkpoint written by :meth:`save` into every component."""
+        state = ckpt.load(path, map_location="cpu")
+        self.engine.load_state_dict(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.stopper.load_state_dict(state["early_stop"])
+        self.progress = Progress(step=int(state["step"]), epoch=self.train_loader.epoch)
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:  # another world size cannot continue bit-exactly
+            ckpt.set_rng_state(rngs[self.dist.rank])
+
+
+def train(cfg: Config, dist: DistInfo) -> dict:
+    """Build a :class:`Trainer` for ``cfg`` on this rank and run it; returns the final metrics."""
+    trainer = Trainer(cfg, dist)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.log.close()
+

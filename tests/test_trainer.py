@@ -1,0 +1,160 @@
+"""Trainer end to end: golden loss, 2-rank torchrun demo run, exact resume, DDP eval, timm export."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_json, run_torchrun
+from ddp_train.config import load_config
+from ddp_train.demo import ensure_digits
+from ddp_train.dist import DistInfo
+from ddp_train.trainer import train
+
+GOLDEN = os.path.join(ROOT, "tests", "golden", "digits_resnet10t_20steps.txt")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    """The demo data packed once for this module (the same packer path the demo uses)."""
+    root = str(tmp_path_factory.mktemp("shards") / "digits")
+    ensure_digits(root, DistInfo())
+    return root
+
+
+def _records(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _steps(run_dir: str) -> dict[int, dict]:
+    return {r["step"]: r for r in _records(os.path.join(run_dir, "metrics.jsonl"))
+            if "loss" in r}
+
+
+def test_golden_loss(digits, tmp_path):
+    """20 fixed-seed steps in one process must reproduce the checked-in loss curve.
+
+    Regenerate after an intended change with ``DDP_TRAIN_UPDATE_GOLDEN=1 pytest -k golden``."""
+    torch.set_num_threads(1)  # float reductions depend on the thread split
+    cfg = load_config(None, [f"data.shards={digits}", f"run.path={tmp_path / 'run'}",
+                             "data.num_workers=0", "train.max_steps=20",
+                             "eval.every_epoch=false", "eval.test_at_end=false",
+                             "log.progress=none", "seed=123"])
+    result = train(cfg, DistInfo())
+    losses = {s: r["loss"] for s, r in _steps(result["run_dir"]).items()}
+    assert sorted(losses) == list(range(1, 21))
+    if os.environ.get("DDP_TRAIN_UPDATE_GOLDEN"):
+        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+        with open(GOLDEN, "w") as f:
+            f.write("# step loss  (tests/test_trainer.py::test_golden_loss)\n")
+            f.writelines(f"{s} {losses[s]:.6f}\n" for s in sorted(losses))
+    golden = {int(s): float(v) for s, v in (line.split() for line in open(GOLDEN)
+                                            if not line.startswith("#"))}
+    assert golden.keys() == losses.keys()
+    for step, value in golden.items():
+        # Tolerance covers CPU instruction-set differences, not behaviour changes.
+        assert losses[step] == pytest.approx(value, abs=2e-3), f"step {step}"
+    assert losses[20] < losses[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(digits, tmp_path_factory) -> str:
+    """The bundled demo on 2 ranks (torchrun, gloo), with periodic step checkpoints kept."""
+    run_dir = str(tmp_path_factory.mktemp("runs") / "demo")
+    run_torchrun("-m", "ddp_train", f"data.shards={digits}", f"run.path={run_dir}",
+                 "checkpoint.every_steps=20", "checkpoint.keep_last=20", "log.progress=plain",
+                 "data.num_workers=1", timeout=600)
+    return run_dir
+
+
+def _split_size(shards: str, split: str) -> int:
+    return read_json(os.path.join(shards, "_info.json"))["splits"][split]["num_samples"]
+
+
+def test_demo_trains_on_two_ranks(demo_run, digits):
+    files = set(os.listdir(demo_run))
+    assert {"config.yaml", "train.log", "metrics.jsonl", "eval.jsonl", "checkpoints"} <= files
+    steps = _steps(demo_run)
+    assert sorted(steps) == list(range(1, max(steps) + 1))  # one record per optimizer step
+    for key in ("epoch", "loss", "lr", "grad_norm", "samples_per_s", "data_s", "step_s", "time"):
+        assert key in steps[1], key
+    evals = _records(os.path.join(demo_run, "eval.jsonl"))
+    val = [e for e in evals if e["split"] == "val"]
+    assert len(val) == 8  # one per epoch
+    assert val[-1]["acc"] >= 0.95, val[-1]["acc"]
+    # the whole val split, each sample once over 2 ranks
+    assert val[-1]["count"] == _split_size(digits, "val")
+    test = [e for e in evals if e["split"] == "test"]
+    assert len(test) == 1 and test[0]["count"] == _split_size(digits, "test")
+    assert len(test[0]["confusion_matrix"]) == 10 and len(test[0]["per_class"]) == 10
+    ckpts = os.listdir(os.path.join(demo_run, "checkpoints"))
+    assert {"last.pt", "last.pt.json", "best.pt", "best.pt.json"} <= set(ckpts)
+    log = open(os.path.join(demo_run, "train.log")).read()
+    assert "eval val" in log and "stopped:" in log
+
+
+def test_best_checkpoint_loads_into_plain_timm(demo_run, digits):
+    import timm
+
+    from ddp_train.config import DataConfig
+    from ddp_train.data import build_loader
+
+    best = os.path.join(demo_run, "checkpoints", "best.pt")
+    meta = read_json(best + ".json")
+    model = timm.create_model(meta["model_name"], num_classes=meta["num_classes"],
+                              checkpoint_path=best).eval()
+    loader = build_loader(DataConfig(shards=digits, num_workers=0), DistInfo(), split="val",
+                          train=False, batch_size=64, seed=0)
+    correct = total = 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            correct += (model(images).argmax(1) == labels).sum().item()
+            total += labels.numel()
+    best_acc = max(e["acc"] for e in _records(os.path.join(demo_run, "eval.jsonl"))
+                   if e["split"] == "val")
+    assert total == _split_size(digits, "val") and correct / total == pytest.approx(best_acc, abs=1e-9)
+
+
+def test_resume_from_step_checkpoint_continues_exactly(demo_run, digits, tmp_path):
+    """Resume (2 ranks) from the step-60 file into a new run: the same losses as the original
+    run from step 61 on, and the same final weights."""
+    step_file = os.path.join(demo_run, "checkpoints", "step_00000060.pt")
+    resumed = str(tmp_path / "resumed")
+    run_torchrun("-m", "ddp_train", f"data.shards={digits}", f"run.path={resumed}",
+                 "checkpoint.every_steps=20", "checkpoint.keep_last=20", "log.progress=plain",
+                 "data.num_workers=1", "--resume", step_file, timeout=600)
+    original, again = _steps(demo_run), _steps(resumed)
+    assert min(again) == 61 and max(again) == max(original)
+    for step in again:
+        assert again[step]["loss"] == pytest.approx(original[step]["loss"], rel=1e-5), step
+    records = _records(os.path.join(resumed, "metrics.jsonl"))
+    assert {"event": "resume", "step": 60}.items() <= records[0].items()
+    a = torch.load(os.path.join(demo_run, "checkpoints", "last.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_two_rank_eval_equals_single_process(demo_run, digits, tmp_path):
+    script = os.path.join(ROOT, "tests", "dist_scripts", "eval_check.py")
+    best = os.path.join(demo_run, "checkpoints", "best.pt")
+    run_torchrun(script, best, digits, str(tmp_path / "two"))
+    run_torchrun(script, best, digits, str(tmp_path / "one"), nproc=1)
+    two, one = read_json(str(tmp_path / "two.json")), read_json(str(tmp_path / "one.json"))
+    assert two["confusion_matrix"] == one["confusion_matrix"] and two["count"] == _split_size(digits, "val")
+    assert two["acc"] == one["acc"] and two["macro_f1"] == one["macro_f1"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_refuses_to_reuse_a_run_folder(demo_run, digits):
+    import subprocess
+
+    from conftest import torchrun_env
+
+    proc = subprocess.run([sys.executable, "-m", "ddp_train", f"data.shards={digits}",
+                           f"run.path={demo_run}"], capture_output=True, text=True,
+                          env=torchrun_env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+    assert "Traceback" not in proc.stderr
