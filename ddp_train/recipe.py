@@ -59,19 +59,63 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *,
     """
     warmup = cfg.warmup_steps or int(round(cfg.warmup_epochs * updates_per_epoch))
     if cfg.name == "plateau":
-        return create_scheduler_v2(optimizer, sched="plateau", num_epochs=total_updates,
-                                   decay_rate=cfg.gamma, patience_epochs=cfg.patience,
-                                   warmup_lr=cfg.warmup_lr, warmup_epochs=0, min_lr=cfg.min_lr,
-                                   plateau_mode=metric_mode)[0]
+        return PlateauSchedule(optimizer, cfg, warmup=warmup, mode=metric_mode)
     # Everything is expressed in updates (updates_per_epoch=1) so schedules are identical
     # whatever the epoch length, and warmup may end mid-epoch.
     sched = {"cosine": "cosine", "step": "step", "constant": "step"}[cfg.name]
     decay = cfg.step_size * updates_per_epoch if cfg.name == "step" else total_updates + 1
+    # Cosine: the decay starts after warmup (warmup_prefix), so the peak lr is reached and the
+    # curve ends at the last update. Step: decays stay at fixed epochs, as StepLR's do.
+    prefix = cfg.name == "cosine"
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=total_updates, decay_epochs=decay,
+        optimizer, sched=sched, num_epochs=max(1, total_updates - warmup) if prefix
+        else total_updates, decay_epochs=decay, warmup_prefix=prefix,
         decay_rate=cfg.gamma if cfg.name == "step" else 1.0, min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr, warmup_epochs=warmup, step_on_epochs=False, updates_per_epoch=1)
     return scheduler
+
+
+class PlateauSchedule:
+    """torch's ReduceLROnPlateau behind timm's scheduler interface, with a linear warmup.
+
+    Written here because timm's PlateauLRScheduler is deprecated and does not checkpoint its
+    state (best metric, patience counter): a resumed multi-day run would restart the plateau
+    logic. torch's scheduler has a state_dict; this adapter only adds the warmup.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, warmup: int,
+                 mode: str) -> None:
+        self.optimizer, self.warmup, self.warmup_lr = optimizer, warmup, cfg.warmup_lr
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.gamma, patience=cfg.patience, min_lr=cfg.min_lr)
+        self.step_update(0)
+
+    def step_update(self, num_updates: int) -> None:
+        """Per update: only the warmup ramp; afterwards the lr moves on evaluations alone."""
+        if num_updates < self.warmup:
+            frac = num_updates / self.warmup
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = self.warmup_lr + (base - self.warmup_lr) * frac
+        elif num_updates == self.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base
+
+    def step(self, num_updates: int, metric: float) -> None:
+        """Per evaluation: decay by gamma after ``patience`` evals without improvement."""
+        if num_updates >= self.warmup:
+            self.inner.step(metric)
+
+    def state_dict(self) -> dict:
+        """Plateau counters, best metric and warmup settings (checkpointed)."""
+        return {"inner": self.inner.state_dict(), "base_lrs": self.base_lrs,
+                "warmup": self.warmup, "warmup_lr": self.warmup_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.inner.load_state_dict(state["inner"])
+        self.base_lrs, self.warmup = state["base_lrs"], state["warmup"]
+        self.warmup_lr = state["warmup_lr"]
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

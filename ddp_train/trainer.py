@@ -86,6 +86,7 @@ class Trainer:
         self.config_hash = ckpt.config_hash(to_dict(cfg))
         self.progress = Progress()
         self.last_eval_step = -1
+        self.t_start = time.time()
         resume_from = self.checkpoints.resume_path(cfg.run.resume)
         if resume_from:
             self.restore(resume_from)
@@ -169,7 +170,8 @@ class Trainer:
         samples = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
         rec = {"step": self.progress.step, "epoch": self.progress.epoch, "loss": loss,
                "lr": current_lr(self.engine.optimizer), "grad_norm": grad_norm,
-               "samples_per_s": samples / max(step_s, 1e-9), "data_s": data_s, "step_s": step_s}
+               "samples_per_s": samples / max(step_s, 1e-9), "data_s": data_s, "step_s": step_s,
+               "elapsed_s": time.time() - self.t_start}
         if self.dist.device.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.log_step(rec)

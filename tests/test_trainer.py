@@ -158,3 +158,41 @@ def test_refuses_to_reuse_a_run_folder(demo_run, digits):
                           env=torchrun_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "--resume auto" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _quick(digits: str, run_path, *extra: str):
+    """A small single-process config on the digits (test_resnet, main-process loading)."""
+    return load_config(None, [f"data.shards={digits}", f"run.path={run_path}",
+                              "model.name=test_resnet", "data.num_workers=0",
+                              "log.progress=none", "eval.test_at_end=false", *extra])
+
+
+def test_resume_auto_in_place_appends_logs(digits, tmp_path):
+    run = tmp_path / "run"
+    first = train(_quick(digits, run, "train.epochs=1"), DistInfo())
+    per_epoch = first["step"]
+    second = train(_quick(digits, run, "train.epochs=2", "run.resume=auto"), DistInfo())
+    assert second["run_dir"] == first["run_dir"] and second["step"] == 2 * per_epoch
+    records = _records(os.path.join(run, "metrics.jsonl"))
+    resume = [i for i, r in enumerate(records) if r.get("event") == "resume"]
+    assert len(resume) == 1 and records[resume[0]]["step"] == per_epoch
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 2 * per_epoch + 1))  # nothing truncated, nothing repeated
+    assert len([e for e in _records(os.path.join(run, "eval.jsonl"))]) == 2
+    assert os.path.exists(os.path.join(run, "config-1.yaml"))  # the changed config kept
+
+
+def test_early_stop_on_target(digits, tmp_path):
+    result = train(_quick(digits, tmp_path / "run", "train.epochs=3", "eval.every_steps=4",
+                          "early_stop.target=0.3"), DistInfo())
+    assert result["stop_reason"].startswith("early stop: acc reached the target")
+    assert result["step"] < 3 * 44 and result["val"]["acc"] >= 0.3
+
+
+def test_grad_accum_bf16_label_smoothing(digits, tmp_path):
+    result = train(_quick(digits, tmp_path / "run", "train.grad_accum=2", "engine.precision=bf16",
+                          "train.label_smoothing=0.1", "train.max_steps=3",
+                          "eval.every_epoch=false", "schedule.name=step"), DistInfo())
+    steps = _steps(result["run_dir"])
+    assert sorted(steps) == [1, 2, 3] and all(r["loss"] > 0 for r in steps.values())
+    assert result["stop_reason"] == "finished 3 updates"
