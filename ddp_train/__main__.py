@@ -6,11 +6,10 @@ trains the bundled demo (scikit-learn digits, packed to ``shards/digits`` on fir
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from . import dist as distributed
 from .config import ConfigError, annotated_yaml, load_config
-from .demo import DEFAULT_ROOT, ensure_digits
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,34 +22,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print the resolved config (defaults + file + overrides) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.batch_size=64 optim.lr=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may sit between overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for configuration errors)."""
     args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
+    # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
+    resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, list(args.overrides) + resume)
     except ConfigError as e:
-        if distributed.launch_env()["rank"] == 0:  # one line per job, not one per rank
+        from .dist import launch_env  # torch is imported only past this point
+
+        if launch_env()["rank"] == 0:  # one line per job, not one per rank
             print(f"ddp-train: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(annotated_yaml(cfg), end="")
         return 0
-    from .trainer import train  # heavy imports (timm, torch) only when training
+    from . import dist as distributed
+    from .demo import DEFAULT_ROOT, ensure_digits
+    from .trainer import train
 
-    info = distributed.setup(cfg.engine.device, cfg.engine.backend, cfg.engine.timeout_s)
+    info = None
     try:
+        info = distributed.setup(cfg.engine.device, cfg.engine.backend, cfg.engine.timeout_s)
         if cfg.data.shards == DEFAULT_ROOT:
             ensure_digits(cfg.data.shards, info)
         train(cfg, info)
     except ConfigError as e:
-        print(f"ddp-train: error: {e}", file=sys.stderr)
+        if info is None or info.is_main:
+            print(f"ddp-train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.teardown(info)
+        if info is not None:
+            distributed.teardown(info)
     return 0
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -96,7 +98,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("engine.device=cuda but no CUDA device is visible")
+            raise ConfigError("engine.device: cuda requested but no CUDA device is visible")
         # One GPU per local rank; set it before the process group so nccl binds the right card.
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())

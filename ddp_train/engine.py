@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import EngineConfig
+from .config import ConfigError, EngineConfig
 from .dist import DistInfo
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,8 +175,8 @@ def build_engine(cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Opt
     """
     name = cfg.name if cfg.name != "auto" else ("ddp" if dist.distributed else "local")
     if name == "ddp" and not dist.distributed:
-        raise ValueError("engine.name=ddp needs a process group: launch with torchrun "
-                         "--nproc_per_node>1 (or use engine.name=auto/local)")
+        raise ConfigError("engine.name: ddp needs a process group: launch with torchrun "
+                          "--nproc_per_node>1 (or use engine.name=auto/local)")
     if dist.device.type == "cuda":
         # Fixed input size: cuDNN benchmarks conv algorithms on the first batch and reuses the
         # fastest for every later step.

@@ -1,0 +1,273 @@
+"""The config sections: one typed dataclass per component, each checked in ``__post_init__``.
+
+The defaults are the bundled demo (scikit-learn digits, resnet10t at 32 px, 8 epochs); the files
+in ``configs/`` show real recipes. Every field carries a one-line doc in its metadata, which
+``--print-config`` and ``docs/config.md`` show.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line meant for the user."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives."""
+
+    name: str = doc("digits", "run name; the run folder is <run.dir>/<name>-<YYYYmmdd-HHMMSS>")
+    dir: str = doc("runs", "parent folder of run folders")
+    path: str = doc("", "exact run folder to use or resume (overrides name/dir naming)")
+    resume: str = doc("", "'' = new run, 'auto' = newest loadable checkpoint, or a .pt path")
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name "
+              "without '/'")
+        # Checked with the config, before anything is packed or created, so a typo costs nothing.
+        check(self.resume in ("", "auto") or os.path.isfile(self.resume), "run.resume",
+              f"{self.resume} is not a checkpoint file")
+
+
+@dataclass
+class DataConfig:
+    """Shards and the streaming loader."""
+
+    shards: str = doc("shards/digits", "packed dataset folder or URL prefix holding _info.json")
+    image_size: int = doc(32, "square input size in pixels fed to the model")
+    num_workers: int = doc(2, "DataLoader worker processes per rank (0 = read in the main process)")
+    train_split: str = doc("train", "split trained on")
+    val_split: str = doc("val", "split evaluated during training ('' = none)")
+    test_split: str = doc("test", "split evaluated once at the end ('' = none)")
+    shuffle_buffer: int = doc(1000, "samples shuffled together in one block (raw bytes, per worker)")
+    mean: list[float] = doc([0.485, 0.456, 0.406], "per-channel normalisation mean (RGB)")
+    std: list[float] = doc([0.229, 0.224, 0.225], "per-channel normalisation std (RGB)")
+    interpolation: str = doc("bilinear", "resize interpolation: bilinear, bicubic, nearest")
+    crop_pct: float = doc(1.0, "eval: resize to image_size/crop_pct then centre-crop")
+    scale: list[float] = doc([0.6, 1.0], "train RandomResizedCrop area range (timm/ImageNet: [0.08, 1])")
+    ratio: list[float] = doc([0.8, 1.25], "train RandomResizedCrop aspect range (timm: [0.75, 1.333])")
+    hflip: float = doc(0.0, "train horizontal flip probability (0 for digits and text)")
+    color_jitter: float = doc(0.0, "train colour jitter strength (0 = off)")
+    pin_memory: bool = doc(True, "pin host memory for faster GPU copies (ignored on CPU)")
+    prefetch_factor: int = doc(2, "batches each worker prepares ahead")
+
+    def __post_init__(self) -> None:
+        check(bool(self.shards), "data.shards", "must name a packed dataset folder")
+        check(self.image_size >= 8, "data.image_size", f"{self.image_size} is below 8 pixels")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", "need 3 values each")
+        check(all(s > 0 for s in self.std), "data.std", "values must be > 0")
+        one_of(self.interpolation, "data.interpolation", ("bilinear", "bicubic", "nearest"))
+        check(0 < self.crop_pct <= 1, "data.crop_pct", "must be in (0, 1]")
+        check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "data.scale",
+               "must be [min, max] with 0 < min <= max <= 1")
+        check(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "data.ratio",
+               "must be [min, max] with 0 < min <= max")
+        check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
+        check(self.color_jitter >= 0, "data.color_jitter", "must be >= 0")
+        check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Length of training and the per-step recipe."""
+
+    batch_size: int = doc(32, "samples per rank per micro-batch")
+    epochs: int = doc(8, "passes over the train split")
+    max_steps: int = doc(0, "stop after this many optimizer steps (0 = epochs decide)")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    clip_grad: float = doc(0.0, "clip the global gradient norm to this value (0 = off)")
+    label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
+    channels_last: bool = doc(False, "use channels_last memory format (faster convs on GPU)")
+    compile: bool = doc(False, "torch.compile the model (slow first step)")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0")
+        check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """Which timm model to build."""
+
+    name: str = doc("resnet10t", "any timm model name (timm.list_models())")
+    pretrained: str = doc("", "local weights file to start from ('' = random init; never downloads)")
+    num_classes: int = doc(0, "output classes (0 = from the shard manifest)")
+    drop_rate: float = doc(0.0, "dropout before the classifier")
+    drop_path_rate: float = doc(0.0, "stochastic depth rate (models that support it)")
+    kwargs: dict = doc({}, "extra keyword arguments passed to timm.create_model")
+
+    def __post_init__(self) -> None:
+        check(bool(self.name), "model.name", "must name a timm model")
+        check(self.num_classes >= 0, "model.num_classes", "must be >= 0")
+        check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
+        check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """timm optimizer (create_optimizer_v2)."""
+
+    name: str = doc("adamw", "timm optimizer name: adamw, sgd, momentum, lamb, lion, ...")
+    lr: float = doc(3e-3, "peak learning rate")
+    weight_decay: float = doc(0.05, "decoupled/L2 weight decay (not applied to norms and biases)")
+    momentum: float = doc(0.9, "momentum for SGD-style optimizers")
+    betas: Optional[list[float]] = doc(None, "Adam-style betas [b1, b2] (null = optimizer default)")
+    eps: Optional[float] = doc(None, "optimizer epsilon (null = optimizer default)")
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.betas is None or len(self.betas) == 2, "optim.betas", "must be [b1, b2]")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per optimizer update."""
+
+    name: str = doc("cosine", "cosine, step, plateau or constant")
+    warmup_epochs: float = doc(0.5, "linear warmup length in epochs (may be fractional)")
+    warmup_steps: int = doc(0, "linear warmup length in updates (wins over warmup_epochs)")
+    warmup_lr: float = doc(1e-6, "learning rate at the start of warmup")
+    min_lr: float = doc(0.0, "floor of the cosine schedule")
+    step_size: float = doc(10.0, "step: epochs between decays (StepLR step_size)")
+    gamma: float = doc(0.5, "step/plateau: multiply the lr by this at each decay")
+    patience: int = doc(3, "plateau: evals without improvement before a decay")
+
+    def __post_init__(self) -> None:
+        one_of(self.name, "schedule.name", ("cosine", "step", "plateau", "constant"))
+        check(self.warmup_epochs >= 0 and self.warmup_steps >= 0, "schedule.warmup_*",
+               "must be >= 0")
+        check(self.step_size > 0, "schedule.step_size", "must be > 0")
+        check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
+        check(self.patience >= 0, "schedule.patience", "must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    """How forward/backward/step run: single process or DDP, device, precision."""
+
+    name: str = doc("auto", "auto (ddp when world size > 1), local or ddp")
+    precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + grad scaler)")
+    device: str = doc("auto", "auto (cuda when present), cuda or cpu")
+    backend: str = doc("auto", "process-group backend: auto (nccl on cuda, else gloo), nccl, gloo")
+    find_unused_parameters: bool = doc(False, "DDP: allow parameters that get no gradient")
+    timeout_s: float = doc(1800.0, "collective timeout in seconds (a dead rank ends the job)")
+
+    def __post_init__(self) -> None:
+        one_of(self.name, "engine.name", ("auto", "local", "ddp"))
+        one_of(self.precision, "engine.precision", ("fp32", "bf16", "fp16"))
+        one_of(self.device, "engine.device", ("auto", "cuda", "cpu"))
+        one_of(self.backend, "engine.backend", ("auto", "nccl", "gloo"))
+        check(self.timeout_s > 0, "engine.timeout_s", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """When and how to evaluate."""
+
+    every_steps: int = doc(0, "evaluate val every N optimizer steps (0 = off)")
+    every_epoch: bool = doc(True, "evaluate val at the end of every epoch")
+    test_at_end: bool = doc(True, "evaluate the test split with the final model")
+    batch_size: int = doc(0, "eval samples per rank per batch (0 = train.batch_size)")
+
+    def __post_init__(self) -> None:
+        check(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        check(self.batch_size >= 0, "eval.batch_size", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in <run>/checkpoints/."""
+
+    every_steps: int = doc(0, "write last.pt every N optimizer steps (0 = only at epoch ends)")
+    keep_last: int = doc(0, "also keep the newest K step_XXXXXXXX.pt files (0 = none)")
+    save_best: bool = doc(True, "write best.pt when early_stop.metric improves")
+
+    def __post_init__(self) -> None:
+        check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        check(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+@dataclass
+class LogConfig:
+    """Console and log-file output (rank 0 only)."""
+
+    interval: int = doc(10, "plain console line every N steps when not on a terminal")
+    progress: str = doc("auto", "auto (rich bar on a terminal, plain lines otherwise), rich, "
+                        "plain or none")
+    tensorboard: bool = doc(False, "also write TensorBoard event files to <run>/tb")
+    wandb: bool = doc(False, "also log to Weights & Biases in offline mode (<run>/wandb)")
+
+    def __post_init__(self) -> None:
+        check(self.interval >= 1, "log.interval", "must be >= 1")
+        one_of(self.progress, "log.progress", ("auto", "rich", "plain", "none"))
+
+
+@dataclass
+class EarlyStopConfig:
+    """The metric that picks best.pt, and when to stop early on it."""
+
+    metric: str = doc("acc", "val metric for best.pt and early stopping: acc, macro_f1 or loss")
+    patience: int = doc(0, "stop after N evals without improvement (0 = never)")
+    target: Optional[float] = doc(None, "stop once the metric reaches this value (null = never)")
+    min_delta: float = doc(0.0, "smallest change that counts as an improvement")
+
+    def __post_init__(self) -> None:
+        one_of(self.metric, "early_stop.metric", ("acc", "macro_f1", "loss"))
+        check(self.patience >= 0, "early_stop.patience", "must be >= 0")
+        check(self.min_delta >= 0, "early_stop.min_delta", "must be >= 0")
+
+
+@dataclass
+class Config:
+    """The whole run. Each component receives only its own section."""
+
+    seed: int = doc(0, "seed for model init, shuffling and augmentation")
+    run: RunConfig = doc(None, "run folder and resume")
+    data: DataConfig = doc(None, "shards and loader")
+    model: ModelConfig = doc(None, "timm model")
+    train: TrainConfig = doc(None, "training length and step recipe")
+    optim: OptimConfig = doc(None, "optimizer")
+    schedule: ScheduleConfig = doc(None, "learning-rate schedule")
+    engine: EngineConfig = doc(None, "device, precision, DDP")
+    eval: EvalConfig = doc(None, "evaluation")
+    checkpoint: CheckpointConfig = doc(None, "checkpoints")
+    log: LogConfig = doc(None, "logging")
+    early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
+                setattr(self, f.name, _hint(Config, f.name)())
+
+
+def _hint(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
