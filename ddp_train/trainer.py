@@ -115,7 +115,12 @@ class Trainer:
         log.info(f"run {self.run_dir} | {cfg.model.name} | {self.dist.world_size} rank(s) x "
                  f"batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} | "
                  f"{self.updates_per_epoch} updates/epoch | {self.total_steps} updates")
-        log.event("start", step=p.step, world_size=self.dist.world_size)
+        log.event("start", step=p.step, world_size=self.dist.world_size, model=cfg.model.name,
+                  batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                  updates_per_epoch=self.updates_per_epoch, total_steps=self.total_steps,
+                  train_samples=self.train_loader.num_samples, classes=self.classes,
+                  shards=cfg.data.shards, engine=self.engine.name,
+                  precision=cfg.engine.precision)
         last_val: dict = {}
         while p.step < self.total_steps and not p.stop_reason:
             if self.train_loader.consumed == 0:
