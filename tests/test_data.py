@@ -84,6 +84,7 @@ def test_single_process_epoch_and_eval(tmp_path):
     assert _ids(val) == list(range(37, 44)) and len(val) == 2
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 4 > 2 cores
 def test_more_workers_than_shards(tmp_path):
     write_shards(str(tmp_path), {"train": [23], "val": [5]})
     cfg = DataConfig(shards=str(tmp_path), image_size=8, num_workers=4, shuffle_buffer=4)
