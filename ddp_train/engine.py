@@ -17,7 +17,6 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Any, ContextManager, Iterator, NamedTuple, Optional
 
@@ -121,9 +120,12 @@ class Engine:
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients before measuring/clipping
         # Under DDP the gradients are already all-reduced (identical on every rank), so this
         # local, sync-free norm is the global norm. The pre-clip norm is returned either way;
-        # max_norm=inf (clip_grad=0) only measures, its 1.0 rescale is a no-op.
-        max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
+        # without clipping only the norm is computed (no extra pass rescaling every gradient).
+        params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        if self.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # fp16: skips optimizer.step when a grad is inf/nan
         self.scaler.update()

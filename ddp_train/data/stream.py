@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from . import plan
+from .tar import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,11 @@ def read_positions(urls: list[str], lengths: list[int], order: list[int], begin:
         url = urls[piece.shard]
         got = 0
         try:
-            samples = wds.tariterators.tarfile_samples([{"url": url}])
-            for raw in islice(samples, piece.start, piece.start + piece.count):
-                yield pos, raw
-                pos, got = pos + 1, got + 1
+            with wds.gopen(url, "rb") as stream:  # local path, URL or pipe: command
+                for raw in islice(tar_samples(stream), piece.start, piece.start + piece.count):
+                    raw["__url__"] = url
+                    yield pos, raw
+                    pos, got = pos + 1, got + 1
         except Exception as e:  # a broken tar must not change how many samples this rank yields
             problems(url, None, f"shard unreadable after {got} of {piece.count} members: {e!r}")
         for _ in range(piece.count - got):
