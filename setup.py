@@ -27,7 +27,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "matplotlib>=3.7",
+                 "deepspeed>=0.14"],  # tests/test_deepspeed.py runs real DeepSpeed on CPU
     },
     entry_points={
         "console_scripts": [

@@ -11,13 +11,16 @@ files. This is the only module that imports deepspeed, and only when the engine 
 from __future__ import annotations
 
 import copy
+import glob
 import importlib
 import os
 import shutil
 from typing import Any, Optional
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as ckpt
 from .config import ConfigError
@@ -153,9 +156,27 @@ class DeepSpeedEngine(Engine):
         self.micro_step += 1
         if not boundary:
             return None
+        self._broadcast_buffers()
         if norm is None:  # ZeRO / mixed precision: the optimizer measured the global norm
             norm = float(self._ds.get_global_grad_norm())
         return StepOutput(grad_norm=norm, skipped=self._ds.skipped_steps > skipped_before)
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's floating buffers (BatchNorm running stats), as DDP does.
+
+        DeepSpeed does not broadcast buffers, so each rank's running stats would follow only its
+        own batches: evaluation would mix per-rank models, and a resume (DeepSpeed saves rank 0's
+        module) would not continue the other ranks exactly. One flat broadcast per dtype/update.
+        """
+        if not self.dist.distributed:
+            return
+        buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
+        for dtype in {b.dtype for b in buffers}:
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = _flatten_dense_tensors(group)
+            tdist.broadcast(flat, src=0)
+            for b, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                b.copy_(synced)
 
     def save_checkpoint(self, path: str, client_state: dict, meta: dict) -> None:
         """All ranks: DeepSpeed writes folder ``path`` (model, optimizer, ``client_state``).
@@ -186,3 +207,23 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {path}")
         return client_state
+
+
+def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The whole model in fp32 from DeepSpeed checkpoint folder ``path`` (no process group).
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the per-rank optimizer files, so
+    DeepSpeed's zero_to_fp32 stitches them together. ZeRO-0 has no partitions: its model file
+    holds the whole module (bf16/fp16 weights when mixed precision was on, so cast up).
+    """
+    parent, tag = os.path.split(os.path.abspath(path))
+    if glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    else:
+        # DeepSpeed's own files pickle its config objects: not weights_only-loadable.
+        state = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
+                           weights_only=False)["module"]
+    # Floating tensors (weights and BatchNorm stats cast to bf16 for training) back to fp32.
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
