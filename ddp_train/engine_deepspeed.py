@@ -184,6 +184,8 @@ class DeepSpeedEngine(Engine):
         DeepSpeed overwrites files in place, so it writes a temp folder that rank 0 then renames
         over ``path``; the JSON sidecar, written last, lists the files and their sizes and is what
         makes the folder a resume candidate (a kill midway leaves no sidecar for a torn folder).
+        Unlike a .pt file this is not all-or-nothing: a kill between the two renames leaves no
+        ``path``, and resume='auto' falls back to the newest step checkpoint.
         """
         parent, name = os.path.split(path)
         tmp, old = f".{name}{ckpt.TMP_SUFFIX}", f".{name}.old{ckpt.TMP_SUFFIX}"
