@@ -27,8 +27,9 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
+        # deepspeed: tests/test_deepspeed.py runs real DeepSpeed on CPU
         "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "wandb>=0.16",
-                 "matplotlib>=3.7"],
+                 "matplotlib>=3.7", "deepspeed>=0.14"],
     },
     entry_points={
         "console_scripts": [

@@ -1,7 +1,9 @@
 """``python -m ddp_train`` / ``ddp-train``: train from a YAML config plus dotted overrides.
 
-Works the same under plain python, ``torchrun`` and Slurm's ``srun``. With no ``--config`` it
-trains the bundled demo (scikit-learn digits, packed to ``shards/digits`` on first use).
+Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``accelerate launch``
+and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
+to ``shards/digits`` on first use). ``export-weights RUN`` writes a timm-loadable weights file
+(see :mod:`ddp_train.export`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "same as run.resume=...")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults + file + overrides) and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment it also
+    # sets (dist.py reads LOCAL_RANK), so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.batch_size=64 optim.lr=3e-4")
     return p.parse_intermixed_args(argv)  # options may sit between overrides
@@ -27,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for configuration errors)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-weights"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     args = parse_args(argv)
     # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
     resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []

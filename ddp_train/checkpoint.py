@@ -6,6 +6,10 @@ plain model state dict, so ``timm.create_model(name, num_classes=N, checkpoint_p
 loads it directly. Next to it, ``X.pt.json`` describes it (step, epoch, config hash, ...) without
 unpickling anything. Both are written to a temp file, fsynced and renamed over the target: a kill
 at any moment leaves either the old or the new complete file, never a torn one.
+
+The engine writes and reads a checkpoint (``Engine.save_checkpoint`` / ``load_checkpoint``); this
+module names them, prunes them and picks one to resume from. A DeepSpeed checkpoint is a folder
+``X/`` (one file per rank's partition) with the same ``X.json`` sidecar, which lists its files.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -27,8 +32,8 @@ from .config import CheckpointConfig
 from .dist import DistInfo, broadcast_object
 
 FORMAT = "ddp_train.checkpoint/1"
-LAST, BEST = "last.pt", "best.pt"
-_TMP_SUFFIX = ".tmp"
+LAST, BEST = "last", "best"  # + the engine's suffix (".pt", or "" for a folder)
+TMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -58,7 +63,7 @@ def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     # Same folder = same filesystem, which is what makes os.replace an atomic rename.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=_TMP_SUFFIX)
+                               suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -80,8 +85,22 @@ def save_atomic(path: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
     at worst ranks that file one save too old in ``resume='auto'``; it never points at a torn file.
     """
     _atomic_write(path, lambda f: torch.save(state, f))
-    sidecar = {"format": FORMAT, "time": time.time(), **meta, "size": os.path.getsize(path),
-               "keys": sorted(state)}
+    write_sidecar(path, meta, keys=sorted(state))
+
+
+def write_sidecar(path: str, meta: dict[str, Any], keys: list[str]) -> None:
+    """Atomically write ``<path>.json``: ``meta`` + format, time, size (file) or files (folder).
+
+    For a checkpoint folder the sidecar records every file's size: written after the folder is
+    complete, it is what :func:`loadable` checks instead of unpickling every partition.
+    """
+    if os.path.isdir(path):
+        found = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+                 for d, _, files in os.walk(path) for f in files}
+        size: dict[str, Any] = {"size": sum(found.values()), "files": found}
+    else:
+        size = {"size": os.path.getsize(path)}
+    sidecar = {"format": FORMAT, "time": time.time(), **meta, **size, "keys": keys}
     text = json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n"
     _atomic_write(path + ".json", lambda f: f.write(text.encode()))
 
@@ -110,6 +129,22 @@ def load(path: str, map_location: Any = "cpu") -> dict[str, Any]:
                               f"weights_only-safe): {type(e).__name__}: {e}") from e
 
 
+def loadable(path: str) -> bool:
+    """True when checkpoint ``path`` is complete: a file unpickles, a folder matches its sidecar."""
+    if os.path.isdir(path):
+        files = (read_meta(path) or {}).get("files")
+        return bool(files) and all(
+            os.path.isfile(os.path.join(path, f)) and os.path.getsize(os.path.join(path, f)) == n
+            for f, n in files.items())
+    try:
+        load(path)  # really unpickle it: only a full load proves it is not torn
+    except (CheckpointError, FileNotFoundError) as e:
+        warnings.warn(f"resume=auto: skipping {path}, falling back to an older "
+                      f"checkpoint: {e}", stacklevel=3)
+        return False
+    return True
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch (+ CUDA) RNG states in weights_only-safe types."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -134,78 +169,86 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Writes last.pt / step_XXXXXXXX.pt / best.pt in ``directory`` and finds one to resume from.
+    """Writes last / step_XXXXXXXX / best checkpoints in ``directory``; finds one to resume from.
 
-    Only rank 0 writes: under DDP the model, optimizer and scaler state are identical on every
-    rank (same initial weights, all-reduced gradients), so one copy describes the whole job.
+    ``write(path, state, meta)`` writes one checkpoint and is called on every rank: the engine's
+    ``save_checkpoint`` (DeepSpeed needs every rank, each saving its partition). The default
+    writes ``state`` atomically on rank 0 only: under DDP the model, optimizer and scaler state
+    are identical on every rank, so one copy describes the whole job. ``suffix`` is the
+    engine's ``checkpoint_suffix`` (".pt" files, "" for DeepSpeed folders).
     """
 
-    def __init__(self, cfg: CheckpointConfig, directory: str, dist: DistInfo) -> None:
+    def __init__(self, cfg: CheckpointConfig, directory: str, dist: DistInfo, *,
+                 suffix: str = ".pt",
+                 write: Optional[Callable[[str, dict, dict], None]] = None) -> None:
         """``directory`` is the checkpoints folder itself (``<run>/checkpoints``)."""
         self.cfg = cfg
         self.directory = directory
         self.dist = dist
+        self.suffix = suffix
+        self._write = write or self._write_on_main
         if dist.is_main:
             os.makedirs(directory, exist_ok=True)
-            # Temp files of a save that was killed midway: never renamed, safe to drop.
-            for tmp in glob.glob(os.path.join(directory, f".*{_TMP_SUFFIX}")):
-                os.remove(tmp)
+            # Temp files / folders of a save that was killed midway: never renamed, safe to drop.
+            for tmp in glob.glob(os.path.join(directory, f".*{TMP_SUFFIX}")):
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+
+    def _write_on_main(self, path: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_atomic(path, state, meta)
 
     def path(self, name: str) -> str:
-        """Absolute path of checkpoint file ``name`` in this manager's folder."""
+        """Absolute path of file or folder ``name`` in this manager's folder."""
         return os.path.join(self.directory, name)
+
+    def _ckpt(self, name: str) -> str:
+        """Path of checkpoint ``name`` (last, best, step_XXXXXXXX) with the engine's suffix."""
+        return self.path(name + self.suffix)
 
     def _meta(self, meta: dict[str, Any], step: Any, epoch: Any) -> dict[str, Any]:
         return {**meta, "step": step, "epoch": epoch, "world_size": self.dist.world_size}
 
     def save(self, state: dict[str, Any], meta: dict[str, Any], *, step: int, epoch: int,
              periodic: bool) -> Optional[str]:
-        """Write last.pt (and step_XXXXXXXX.pt when ``periodic`` and keep_last > 0) on rank 0.
+        """Write last (and step_XXXXXXXX when ``periodic`` and keep_last > 0).
 
-        Returns the last.pt path on rank 0, None elsewhere. Other ranks return at once; add a
-        barrier in the caller if they must not run ahead of the write.
+        Returns the path of last on rank 0, None elsewhere. With the default writer other ranks
+        return at once; add a barrier in the caller if they must not run ahead of the write.
         """
-        if not self.dist.is_main:
-            return None
         meta = self._meta(meta, step, epoch)
         if periodic and self.cfg.keep_last > 0:
-            save_atomic(self.path(f"step_{step:08d}.pt"), state, meta)
-            self._prune()
-        save_atomic(self.path(LAST), state, meta)
-        return self.path(LAST)
+            self._write(self._ckpt(f"step_{step:08d}"), state, meta)
+            if self.dist.is_main:
+                self._prune()
+        self._write(self._ckpt(LAST), state, meta)
+        return self._ckpt(LAST) if self.dist.is_main else None
 
     def save_best(self, state: dict[str, Any], meta: dict[str, Any]) -> Optional[str]:
-        """Write best.pt on rank 0 (step/epoch in its sidecar come from ``state``)."""
-        if not self.dist.is_main:
-            return None
-        save_atomic(self.path(BEST), state, self._meta(meta, state.get("step"), state.get("epoch")))
-        return self.path(BEST)
+        """Write best (step/epoch in its sidecar come from ``state``); path on rank 0."""
+        self._write(self._ckpt(BEST), state, self._meta(meta, state.get("step"),
+                                                       state.get("epoch")))
+        return self._ckpt(BEST) if self.dist.is_main else None
 
     def _step_files(self) -> list[str]:
         # Zero-padded steps: name order is step order.
-        return sorted(glob.glob(os.path.join(self.directory, "step_" + "[0-9]" * 8 + ".pt")))
+        return sorted(glob.glob(self._ckpt("step_" + "[0-9]" * 8)))
 
     def _prune(self) -> None:
-        """Delete all but the newest keep_last step files (and their sidecars)."""
+        """Delete all but the newest keep_last step checkpoints (and their sidecars)."""
         for path in self._step_files()[:-self.cfg.keep_last]:
-            for p in (path, path + ".json"):
-                if os.path.exists(p):
-                    os.remove(p)
+            if os.path.exists(path + ".json"):
+                os.remove(path + ".json")  # first: a folder without sidecar is never resumed
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
     def _newest_loadable(self) -> Optional[str]:
-        """The loadable last.pt / step file with the highest sidecar step, or None."""
-        candidates = [p for p in [self.path(LAST), *self._step_files()] if os.path.isfile(p)]
-        # Stable sort: on equal steps last.pt (listed first) wins. No sidecar ranks last.
+        """The loadable last / step checkpoint with the highest sidecar step, or None."""
+        candidates = [p for p in [self._ckpt(LAST), *self._step_files()] if os.path.exists(p)]
+        # Stable sort: on equal steps last (listed first) wins. No sidecar ranks last.
         candidates.sort(key=lambda p: (read_meta(p) or {}).get("step", -1), reverse=True)
-        for path in candidates:
-            try:
-                load(path)  # really unpickle it: only a full load proves it is not torn
-            except CheckpointError as e:
-                warnings.warn(f"resume=auto: skipping {path}, falling back to an older "
-                              f"checkpoint: {e}", stacklevel=3)
-                continue
-            return path
-        return None
+        return next((p for p in candidates if loadable(p)), None)
 
     def resume_path(self, resume: str) -> Optional[str]:
         """Checkpoint to resume from: '' -> None, 'auto' -> newest loadable (or None), else a path.
@@ -216,7 +259,7 @@ class CheckpointManager:
         if not resume:
             return None
         if resume != "auto":
-            if not os.path.isfile(resume):
-                raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
+            if not os.path.exists(resume):
+                raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint")
             return resume
         return broadcast_object(self.dist, self._newest_loadable() if self.dist.is_main else None)

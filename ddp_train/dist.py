@@ -4,7 +4,9 @@ Everything else receives a :class:`DistInfo` value object. Supported launchers:
 
 * plain ``python -m ddp_train``: one process, no process group;
 * ``torchrun`` (any ``--nproc_per_node`` / ``--nnodes``, c10d rendezvous): ``RANK``, ``WORLD_SIZE``,
-  ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` are set by torchrun;
+  ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` are set by torchrun; ``accelerate launch``
+  runs torchrun underneath, and the ``deepspeed`` launcher sets the same variables (with
+  ``LOCAL_SIZE`` for the local world size; its ``--local_rank`` argument is ignored);
 * Slurm's ``srun`` with one task per GPU and no torchrun: ``SLURM_PROCID``, ``SLURM_NTASKS``,
   ``SLURM_LOCALID``, and the first host of ``SLURM_JOB_NODELIST`` as the rendezvous address.
 """
@@ -33,7 +35,7 @@ class DistInfo:
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str = "none"  # "gloo" / "nccl" when a process group is up, "none" for one process
-    launcher: str = "python"  # "python", "torchrun" or "srun"
+    launcher: str = "python"  # "python", "torchrun" (also accelerate), "deepspeed" or "srun"
     restart_count: int = 0  # torchrun --max-restarts round or Slurm requeue count
     job_id: str = ""  # Slurm job id (with array task) when under Slurm, else ""
 
@@ -74,10 +76,14 @@ def launch_env() -> dict[str, Any]:
     if env.get("SLURM_ARRAY_JOB_ID"):
         job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
     slurm_restarts = _env_int("SLURM_RESTART_COUNT", 0)
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also inside an sbatch script)
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate, deepspeed (also in sbatch)
+        # The deepspeed launcher is the one that sets LOCAL_SIZE instead of LOCAL_WORLD_SIZE.
+        deepspeed = "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env
         return dict(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1),
                     local_rank=_env_int("LOCAL_RANK", 0),
-                    local_world_size=_env_int("LOCAL_WORLD_SIZE", 1), launcher="torchrun",
+                    local_world_size=_env_int("LOCAL_SIZE" if deepspeed else "LOCAL_WORLD_SIZE",
+                                              1),
+                    launcher="deepspeed" if deepspeed else "torchrun",
                     restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0) + slurm_restarts,
                     job_id=job_id, init_method="env://")
     if _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env:  # srun, one task per rank

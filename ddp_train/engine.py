@@ -1,4 +1,4 @@
-"""The seam between the training loop and how forward/backward/step run: one process or DDP.
+"""The seam between the training loop and how forward/backward/step run: one process, DDP, DeepSpeed.
 
 The loop drives every engine the same way, once per micro-batch::
 
@@ -8,11 +8,14 @@ The loop drives every engine the same way, once per micro-batch::
     engine.backward(loss)
     out = engine.step()  # None inside an accumulation window, StepOutput on its last micro-batch
 
+Checkpoints go through ``engine.save_checkpoint(path, client_state, meta)`` and
+``engine.load_checkpoint(path)``, called on every rank.
+
 ``build_engine`` moves the model to the device (and channels_last), then wraps it (DDP) and
-finally compiles it. A DeepSpeed engine would subclass :class:`Engine` and override the wrapping,
-``backward``, ``step`` and the state dict, since DeepSpeed owns the optimizer, the loss scaling
-and the accumulation boundary itself. This is the only module that imports
-DistributedDataParallel.
+finally compiles it. :class:`~ddp_train.engine_deepspeed.DeepSpeedEngine` subclasses
+:class:`Engine` and overrides the wrapping, ``backward``, ``step`` and the checkpoint methods,
+since DeepSpeed owns the loss scaling, the accumulation boundary and the (partitioned) optimizer
+state. This is the only module that imports DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch.nn as nn
 from timm.utils import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
+from . import checkpoint as ckpt
 from .config import ConfigError, EngineConfig
 from .dist import DistInfo
 
@@ -39,9 +43,10 @@ class StepOutput(NamedTuple):
 
 
 class Engine:
-    """Single-process engine; also the base class that DDP (and later DeepSpeed) specialise."""
+    """Single-process engine; also the base class that DDP and DeepSpeed specialise."""
 
     name = "local"
+    checkpoint_suffix = ".pt"  # one weights_only-safe file, written by rank 0
 
     def __init__(self, cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  dist: DistInfo, *, grad_accum: int = 1, clip_grad: float = 0.0,
@@ -50,6 +55,7 @@ class Engine:
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.cfg = cfg
+        self.dist = dist
         self.device = dist.device
         self.precision = cfg.precision
         self.optimizer = optimizer
@@ -145,6 +151,21 @@ class Engine:
         if state.get("scaler"):  # empty when saved by a non-fp16 run: keep the fresh scaler
             self.scaler.load_state_dict(state["scaler"])
 
+    def save_checkpoint(self, path: str, client_state: dict[str, Any],
+                        meta: dict[str, Any]) -> None:
+        """Call on every rank: rank 0 atomically writes :meth:`state_dict` + ``client_state``.
+
+        The state is identical on every rank (same start, all-reduced gradients): one copy.
+        """
+        if self.dist.is_main:
+            ckpt.save_atomic(path, {**self.state_dict(), **client_state}, meta)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Load ``path`` into model, optimizer and scaler; return the whole saved dict."""
+        state = ckpt.load(path, map_location="cpu")
+        self.load_state_dict(state)
+        return state
+
 
 class DDPEngine(Engine):
     """DistributedDataParallel: gradients are averaged over ranks during backward."""
@@ -168,12 +189,14 @@ class DDPEngine(Engine):
 
 
 def build_engine(cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 dist: DistInfo, *, grad_accum: int = 1, clip_grad: float = 0.0,
-                 channels_last: bool = False, compile: bool = False) -> Engine:
+                 dist: DistInfo, *, batch_size: int = 1, grad_accum: int = 1,
+                 clip_grad: float = 0.0, channels_last: bool = False,
+                 compile: bool = False) -> Engine:
     """Move ``model`` to ``dist.device``, wrap it per ``cfg.name`` (auto: ddp when distributed).
 
     ``optimizer`` must already hold ``model``'s parameters; moving the model keeps the same
     Parameter objects, so it stays valid. Load checkpoints into the engine after building it.
+    ``batch_size`` (per rank and micro-batch) only matters to DeepSpeed, whose config needs it.
     """
     name = cfg.name if cfg.name != "auto" else ("ddp" if dist.distributed else "local")
     if name == "ddp" and not dist.distributed:
@@ -188,6 +211,11 @@ def build_engine(cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Opt
                       stacklevel=2)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(dist.device, memory_format=memory_format)
+    kwargs: dict[str, Any] = dict(grad_accum=grad_accum, clip_grad=clip_grad,
+                                  channels_last=channels_last, compile=compile)
+    if name == "deepspeed":
+        from .engine_deepspeed import DeepSpeedEngine  # lazy: deepspeed is an optional extra
+
+        return DeepSpeedEngine(cfg, model, optimizer, dist, batch_size=batch_size, **kwargs)
     engine_cls = DDPEngine if name == "ddp" else Engine
-    return engine_cls(cfg, model, optimizer, dist, grad_accum=grad_accum, clip_grad=clip_grad,
-                      channels_last=channels_last, compile=compile)
+    return engine_cls(cfg, model, optimizer, dist, **kwargs)

@@ -2,8 +2,9 @@
 
 The loop reads top to bottom with plain calls: next batch -> forward -> backward -> engine.step
 -> (on an optimizer update) schedule, log, eval when due, checkpoint when due, stop when due.
-DDP versus single process is hidden behind :mod:`ddp_train.engine`; rank 0 versus the rest
-behind the logger (a NullLogger off rank 0) and the checkpoint manager (rank 0 writes).
+Single process, DDP and DeepSpeed are hidden behind :mod:`ddp_train.engine` (which also writes
+and reads checkpoints); rank 0 versus the rest behind the logger (a NullLogger off rank 0) and
+the engine's checkpoint writer.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(cfg.model, self.manifest.num_classes)
         self.engine = build_engine(cfg.engine, model, build_optimizer(cfg.optim, model), dist,
+                                   batch_size=cfg.train.batch_size,
                                    grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
                                    channels_last=cfg.train.channels_last,
                                    compile=cfg.train.compile)
@@ -82,7 +84,9 @@ class Trainer:
                                          else "max")
         self.stopper = EarlyStopping(cfg.early_stop)
         self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint,
-                                                  os.path.join(self.run_dir, "checkpoints"), dist)
+                                                  os.path.join(self.run_dir, "checkpoints"), dist,
+                                                  suffix=self.engine.checkpoint_suffix,
+                                                  write=self.engine.save_checkpoint)
         self.config_hash = ckpt.config_hash(to_dict(cfg))
         self.progress = Progress()
         self.last_eval_step = -1
@@ -220,10 +224,13 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, schedule, data, RNGs."""
-        # Each rank's RNG differs (dropout seeds), so all of them go into rank 0's file.
+        """What continues a run besides the engine's weights and optimizer: schedule, data, RNGs.
+
+        The engine saves it next to its own state (DeepSpeed: as its client_state).
+        """
+        # Each rank's RNG differs (dropout seeds), so all of them go into rank 0's copy.
         rngs = all_gather_objects(self.dist, ckpt.rng_state())
-        return {**self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"scheduler": self.scheduler.state_dict(),
                 "ema": None, "loader": self.train_loader.state_dict(), "rng": rngs,
                 "early_stop": self.stopper.state_dict(), "step": self.progress.step,
                 "epoch": self.progress.epoch, "config_hash": self.config_hash}
@@ -235,15 +242,14 @@ class Trainer:
                 "config_hash": self.config_hash, "engine": self.engine.name}
 
     def save(self, periodic: bool) -> None:
-        """Write last.pt (and a step file when periodic); rank 0 writes, all ranks gather RNGs."""
+        """Write last (and a step checkpoint when periodic); all ranks call (RNGs, DeepSpeed)."""
         state = self.state()
         self.checkpoints.save(state, self.meta(), step=self.progress.step,
                               epoch=self.progress.epoch, periodic=periodic)
 
     def restore(self, path: str) -> None:
-        """Load a checkpoint written by :meth:`save` into every component."""
-        state = ckpt.load(path, map_location="cpu")
-        self.engine.load_state_dict(state)
+        """Load a checkpoint written by :meth:`save` into every component (all ranks)."""
+        state = self.engine.load_checkpoint(path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
         self.stopper.load_state_dict(state["early_stop"])

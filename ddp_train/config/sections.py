@@ -41,13 +41,13 @@ class RunConfig:
     name: str = doc("digits", "run name; the run folder is <run.dir>/<name>-<YYYYmmdd-HHMMSS>")
     dir: str = doc("runs", "parent folder of run folders")
     path: str = doc("", "exact run folder to use or resume (overrides name/dir naming)")
-    resume: str = doc("", "'' = new run, 'auto' = newest loadable checkpoint, or a .pt path")
+    resume: str = doc("", "'' = new run, 'auto' = newest loadable checkpoint, or a checkpoint path")
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name "
               "without '/'")
         # Checked with the config, before anything is packed or created, so a typo costs nothing.
-        check(self.resume in ("", "auto") or os.path.isfile(self.resume), "run.resume",
+        check(self.resume in ("", "auto") or os.path.exists(self.resume), "run.resume",
               f"{self.resume} is not a checkpoint file")
 
 
@@ -172,17 +172,20 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    """How forward/backward/step run: single process or DDP, device, precision."""
+    """How forward/backward/step run: single process, DDP or DeepSpeed; device, precision."""
 
-    name: str = doc("auto", "auto (ddp when world size > 1), local or ddp")
+    name: str = doc("auto", "auto (ddp when world size > 1), local, ddp or deepspeed")
     precision: str = doc("fp32", "fp32, bf16 (autocast) or fp16 (autocast + grad scaler)")
     device: str = doc("auto", "auto (cuda when present), cuda or cpu")
     backend: str = doc("auto", "process-group backend: auto (nccl on cuda, else gloo), nccl, gloo")
     find_unused_parameters: bool = doc(False, "DDP: allow parameters that get no gradient")
     timeout_s: float = doc(1800.0, "collective timeout in seconds (a dead rank ends the job)")
+    deepspeed: dict = doc({}, "engine.name=deepspeed: DeepSpeed config (zero_optimization, "
+                          "offload, ...); batch sizes, accumulation, clipping and bf16/fp16 come "
+                          "from train.* and engine.precision")
 
     def __post_init__(self) -> None:
-        one_of(self.name, "engine.name", ("auto", "local", "ddp"))
+        one_of(self.name, "engine.name", ("auto", "local", "ddp", "deepspeed"))
         one_of(self.precision, "engine.precision", ("fp32", "bf16", "fp16"))
         one_of(self.device, "engine.device", ("auto", "cuda", "cpu"))
         one_of(self.backend, "engine.backend", ("auto", "nccl", "gloo"))
