@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for configuration errors)."""
+    """Entry point; returns the process exit code.
+
+    0 finished; 2 configuration error; 3 diverged (non-finite steps); 128+N stopped by signal N
+    after writing a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 SIGINT); 124 watchdog (hang).
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export-weights"]:
         from .export import main as export_main
@@ -53,22 +57,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import dist as distributed
     from .demo import DEFAULT_ROOT, ensure_digits
-    from .trainer import train
+    from .trainer import DivergedError, train
 
+    # A collective that waits for a hung peer should outlast the watchdog, which ends that
+    # peer with a stack dump (the informative failure) and lets the launcher restart the job.
+    timeout_s = cfg.engine.timeout_s
+    if cfg.watchdog.timeout:
+        timeout_s = max(timeout_s, cfg.watchdog.timeout + 60)
     info = None
     try:
-        info = distributed.setup(cfg.engine.device, cfg.engine.backend, cfg.engine.timeout_s)
+        info = distributed.setup(cfg.engine.device, cfg.engine.backend, timeout_s)
         if cfg.data.shards == DEFAULT_ROOT:
             ensure_digits(cfg.data.shards, info)
-        train(cfg, info)
-    except ConfigError as e:
+        result = train(cfg, info)
+    except (ConfigError, DivergedError) as e:
         if info is None or info.is_main:
             print(f"ddp-train: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 3
     finally:
         if info is not None:
             distributed.teardown(info)
-    return 0
+    if result["signal"]:  # checkpointed and stopped early: exit as a process killed by it would
+        return 128 + result["signal"]
+    return 3 if result["diverged"] else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .dist import DistInfo, broadcast_object
 FORMAT = "ddp_train.checkpoint/1"
 LAST, BEST = "last", "best"  # + the engine's suffix (".pt", or "" for a folder)
 TMP_SUFFIX = ".tmp"
+MIN_FREE_BYTES = 64 * 2**20  # keep this much free beyond the checkpoint itself (logs, OS)
 
 
 class CheckpointError(RuntimeError):
@@ -216,15 +217,40 @@ class CheckpointManager:
         return at once; add a barrier in the caller if they must not run ahead of the write.
         """
         meta = self._meta(meta, step, epoch)
-        if periodic and self.cfg.keep_last > 0:
+        snapshot = periodic and self.cfg.keep_last > 0
+        # Decided on rank 0 and broadcast: with DeepSpeed every rank writes, and a rank that
+        # skipped the save while the others entered DeepSpeed's barriers would hang them.
+        error = broadcast_object(self.dist, self._space_error(2 if snapshot else 1)
+                                 if self.dist.is_main else None)
+        if error:
+            raise OSError(error)
+        if snapshot:
             self._write(self._ckpt(f"step_{step:08d}"), state, meta)
             if self.dist.is_main:
                 self._prune()
         self._write(self._ckpt(LAST), state, meta)
         return self._ckpt(LAST) if self.dist.is_main else None
 
+    def _space_error(self, copies: int) -> Optional[str]:
+        """Why ``copies`` more checkpoints would not fit on the disk, or None when they would.
+
+        The size of a checkpoint is taken from last's sidecar (the first save assumes only the
+        safety margin): the temp file and the old file coexist until the rename, so each copy
+        needs its full size free.
+        """
+        previous = int((read_meta(self._ckpt(LAST)) or {}).get("size") or 0)
+        need = copies * previous * 1.05 + MIN_FREE_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            return (f"not enough free disk in {self.directory}: {free / 2**30:.2f} GiB free, "
+                    f"{need / 2**30:.2f} GiB needed for {copies} checkpoint(s)")
+        return None
+
     def save_best(self, state: dict[str, Any], meta: dict[str, Any]) -> Optional[str]:
         """Write best (step/epoch in its sidecar come from ``state``); path on rank 0."""
+        error = broadcast_object(self.dist, self._space_error(1) if self.dist.is_main else None)
+        if error:
+            raise OSError(error)
         self._write(self._ckpt(BEST), state, self._meta(meta, state.get("step"),
                                                        state.get("epoch")))
         return self._ckpt(BEST) if self.dist.is_main else None

@@ -20,6 +20,7 @@ state. This is the only module that imports DistributedDataParallel.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, ContextManager, Iterator, NamedTuple, Optional
 
@@ -36,7 +37,8 @@ _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StepOutput(NamedTuple):
-    """What an optimizer step reports: the pre-clip global grad norm and whether fp16 skipped it."""
+    """What an optimizer step reports: the pre-clip global grad norm, and whether the update was
+    skipped (fp16 overflow, or a non-finite gradient) leaving weights and optimizer untouched."""
 
     grad_norm: float
     skipped: bool
@@ -132,12 +134,19 @@ class Engine:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = float(grad_norm)  # the one host sync of the step
+        if not self.scaler.is_enabled() and not math.isfinite(norm):
+            # fp32/bf16: a NaN/inf gradient would poison weights and optimizer state for good.
+            # Skip the update as fp16's scaler does; the norm is post-all-reduce, so every rank
+            # skips the same step.
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutput(grad_norm=norm, skipped=True)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # fp16: skips optimizer.step when a grad is inf/nan
         self.scaler.update()
         skipped = self.scaler.get_scale() < scale  # the scaler backs off only after a skip
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(grad_norm=float(grad_norm), skipped=skipped)
+        return StepOutput(grad_norm=norm, skipped=skipped)
 
     def state_dict(self) -> dict[str, Any]:
         """Model (clean keys), optimizer and grad-scaler state; weights_only-safe."""

@@ -8,9 +8,12 @@ the engine's checkpoint writer.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 
@@ -23,6 +26,7 @@ from .config import Config, ConfigError, to_dict
 from .data import build_loader
 from .dist import DistInfo, all_gather_objects
 from .engine import build_engine
+from .guard import NonFiniteGuard, StopSignals, Watchdog, agree
 from .metrics import EarlyStopping, evaluate
 from .recipe import build_model, build_optimizer, build_scheduler, current_lr
 from .runlog import create_run_dir, make_logger, problems_path, write_config
@@ -35,7 +39,9 @@ class Progress:
 
     step: int = 0  # optimizer updates done
     epoch: int = 0  # current epoch (the loader's epoch counter)
-    stop_reason: str = ""  # set when early stopping or max_steps ends the run
+    stop_reason: str = ""  # set when early stopping, max_steps, a signal or divergence ends it
+    signal: int = 0  # the stop signal that ended this launch (0 = none)
+    diverged: bool = False  # stopped on non-finite steps
 
 
 def seed_everything(seed: int) -> None:
@@ -50,8 +56,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist
+        run_cfg = cfg.run
+        if dist.restart_count and not run_cfg.resume:
+            # torchrun --max-restarts / a Slurm requeue relaunched this command: continue the run
+            # it started instead of beginning a new one.
+            run_cfg = dataclasses.replace(run_cfg, resume="auto")
         try:
-            self.run_dir = create_run_dir(cfg.run, dist)
+            self.run_dir = create_run_dir(run_cfg, dist)
         except ValueError as e:  # an existing run folder: refuse rather than overwrite it
             raise ConfigError(f"run: {e}") from None
         try:
@@ -89,15 +100,23 @@ class Trainer:
                                                   write=self.engine.save_checkpoint)
         self.config_hash = ckpt.config_hash(to_dict(cfg))
         self.progress = Progress()
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.signals = StopSignals()
+        self.watchdog = Watchdog(cfg.watchdog.timeout, self.run_dir, dist.rank)
         self.last_eval_step = -1
         self.t_start = time.time()
-        resume_from = self.checkpoints.resume_path(cfg.run.resume)
+        self.last_save = time.monotonic()
+        with warnings.catch_warnings(record=True) as skipped:  # corrupt checkpoints passed over
+            warnings.simplefilter("always")
+            resume_from = self.checkpoints.resume_path(run_cfg.resume)
         if resume_from:
             self.restore(resume_from)
         write_config(self.run_dir, to_dict(cfg), dist)
         self.log = make_logger(cfg.log, self.run_dir, dist, total_steps=self.total_steps,
                                resumed_from_step=self.progress.step if resume_from else None,
                                config=to_dict(cfg))
+        for w in skipped:
+            self.log.info(f"WARNING: {w.message}")
         if resume_from:
             self.log.info(f"resumed from {resume_from} at step {self.progress.step}")
 
@@ -135,6 +154,7 @@ class Trainer:
             data_s, loss_sum = 0.0, torch.zeros((), device=self.dist.device)
             for images, targets in islice(self.train_loader,
                                           epoch_micro - self.train_loader.consumed):
+                self.watchdog.beat()
                 data_s += time.perf_counter() - t_last
                 images = self.engine.to_device(images)
                 targets = targets.to(self.dist.device, non_blocking=True)
@@ -149,16 +169,26 @@ class Trainer:
                 p.step += 1
                 self.scheduler.step_update(p.step)
                 # .item() syncs with the device once per update; the grad norm already did.
-                self._log_step(loss_sum.item() / cfg.train.grad_accum, out.grad_norm, data_s,
+                self._log_step(loss_sum.item() / cfg.train.grad_accum, out, data_s,
                                t_last - t_prev)
                 data_s, loss_sum = 0.0, torch.zeros((), device=self.dist.device)
+                self.check_finite(out)
                 if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
                     last_val = self.validate() or last_val
+                # Every rank votes once per update, so all act on the same step: a stop signal
+                # that reached one rank, or a wall-clock checkpoint that one rank's clock says
+                # is due.
+                stop_signal, time_due = agree(self.dist, [self.signals.received,
+                                                          self.wall_clock_save_due()])
                 if p.step >= self.total_steps:
                     p.stop_reason = p.stop_reason or f"finished {self.total_steps} updates"
+                elif stop_signal and not p.stop_reason:
+                    p.signal = stop_signal
+                    p.stop_reason = f"preempted by {self.signals.name or stop_signal}"
                 if p.stop_reason:
                     break
-                if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                if time_due or (cfg.checkpoint.every_steps
+                                and p.step % cfg.checkpoint.every_steps == 0):
                     self.save(periodic=True)
                 t_prev = t_last = time.perf_counter()  # eval/checkpoint time is not data wait
             if self.train_loader.consumed >= epoch_micro:  # the epoch ran to its end
@@ -169,18 +199,48 @@ class Trainer:
             self.save(periodic=False)
         log.info(f"stopped: {p.stop_reason or 'all epochs done'}")
         result = {"run_dir": self.run_dir, "step": p.step, "epoch": p.epoch, "val": last_val,
-                  "stop_reason": p.stop_reason}
-        if cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split):
+                  "stop_reason": p.stop_reason, "signal": p.signal, "diverged": p.diverged}
+        if p.signal:  # the checkpoint is written; leave the test split to the resumed run
+            log.event("preempted", step=p.step, signal=self.signals.name or p.signal)
+            return result
+        if (cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split)
+                and not p.diverged):
             result["test"] = self.run_eval(cfg.data.test_split)
         log.event("end", step=p.step, reason=p.stop_reason or "epochs")
         return result
 
-    def _log_step(self, loss: float, grad_norm: float, data_s: float, step_s: float) -> None:
+    def check_finite(self, out) -> None:
+        """Count non-finite steps; stop the run after ``train.max_nonfinite_steps`` in a row."""
+        finite = math.isfinite(out.grad_norm)
+        if not finite and not out.skipped:
+            # The engine applied the update (DeepSpeed fp32/bf16 does not skip): the weights are
+            # no longer trustworthy, so stop without checkpointing them; last.pt predates this.
+            raise DivergedError(f"step {self.progress.step}: non-finite gradient norm and the "
+                                f"{self.engine.name} engine applied the update; the newest "
+                                f"checkpoint in {self.checkpoints.directory} predates it")
+        if not finite:
+            self.log.event("nonfinite", step=self.progress.step, streak=self.nonfinite.streak + 1)
+        if self.nonfinite.update(self.progress.step, finite):
+            p = self.progress
+            p.diverged = True
+            p.stop_reason = (f"diverged: {self.nonfinite.streak} consecutive non-finite steps "
+                             f"since step {self.nonfinite.first_bad_step}, all skipped, so the "
+                             f"saved weights are those from before step "
+                             f"{self.nonfinite.first_bad_step}")
+
+    def wall_clock_save_due(self) -> int:
+        """1 when ``checkpoint.every_minutes`` have passed since this rank's last save."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return int(bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes)
+
+    def _log_step(self, loss: float, out, data_s: float, step_s: float) -> None:
         samples = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
         rec = {"step": self.progress.step, "epoch": self.progress.epoch, "loss": loss,
-               "lr": current_lr(self.engine.optimizer), "grad_norm": grad_norm,
+               "lr": current_lr(self.engine.optimizer), "grad_norm": out.grad_norm,
                "samples_per_s": samples / max(step_s, 1e-9), "data_s": data_s, "step_s": step_s,
                "elapsed_s": time.time() - self.t_start}
+        if out.skipped:
+            rec["skipped"] = True
         if self.dist.device.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.log_step(rec)
@@ -193,7 +253,7 @@ class Trainer:
     def run_eval(self, split: str) -> dict:
         """Evaluate the current weights on ``split`` (every sample exactly once over all ranks)."""
         loader = self._loader(split, train=False)
-        metrics = evaluate(self.engine.unwrapped, loader, self.criterion,
+        metrics = evaluate(self.engine.unwrapped, self.watchdog.watch(loader), self.criterion,
                            num_classes=self.manifest.num_classes, class_names=self.classes,
                            device=self.dist.device, dist=self.dist,
                            autocast=self.engine_autocast)
@@ -214,7 +274,7 @@ class Trainer:
         metrics = self.run_eval(split)
         self.last_eval_step = self.progress.step
         if self.stopper.update(metrics) and self.cfg.checkpoint.save_best:
-            self.checkpoints.save_best(self.state(), self.meta())
+            self.save(best=True)
         if self.cfg.schedule.name == "plateau":
             self.scheduler.step(self.progress.step, metrics[self.cfg.early_stop.metric])
         if self.stopper.should_stop:
@@ -233,6 +293,7 @@ class Trainer:
         return {"scheduler": self.scheduler.state_dict(),
                 "ema": None, "loader": self.train_loader.state_dict(), "rng": rngs,
                 "early_stop": self.stopper.state_dict(), "step": self.progress.step,
+                "nonfinite": self.nonfinite.state_dict(),
                 "epoch": self.progress.epoch, "config_hash": self.config_hash}
 
     def meta(self) -> dict:
@@ -241,11 +302,28 @@ class Trainer:
                 "classes": self.classes, "image_size": self.cfg.data.image_size,
                 "config_hash": self.config_hash, "engine": self.engine.name}
 
-    def save(self, periodic: bool) -> None:
-        """Write last (and a step checkpoint when periodic); all ranks call (RNGs, DeepSpeed)."""
+    def save(self, periodic: bool = False, best: bool = False) -> None:
+        """Write last (and a step checkpoint when periodic), or best; all ranks call.
+
+        A failed save (disk full, quota, I/O error) is logged and training goes on: the
+        previous checkpoint is intact (atomic writes), and losing the run would cost more.
+        """
+        self.watchdog.beat()
         state = self.state()
-        self.checkpoints.save(state, self.meta(), step=self.progress.step,
-                              epoch=self.progress.epoch, periodic=periodic)
+        try:
+            if best:
+                self.checkpoints.save_best(state, self.meta())
+                return
+            self.checkpoints.save(state, self.meta(), step=self.progress.step,
+                                  epoch=self.progress.epoch, periodic=periodic)
+        except OSError as e:
+            self.log.info(f"WARNING: checkpoint at step {self.progress.step} not saved, "
+                          f"training continues: {e}")
+            self.log.event("checkpoint_failed", step=self.progress.step, error=str(e))
+        finally:
+            if not best:  # also after a failure: retry at the next interval, not every step
+                self.last_save = time.monotonic()
+            self.watchdog.beat()
 
     def restore(self, path: str) -> None:
         """Load a checkpoint written by :meth:`save` into every component (all ranks)."""
@@ -253,17 +331,31 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
         self.stopper.load_state_dict(state["early_stop"])
+        if state.get("nonfinite"):  # absent in checkpoints written before the guard existed
+            self.nonfinite.load_state_dict(state["nonfinite"])
         self.progress = Progress(step=int(state["step"]), epoch=self.train_loader.epoch)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:  # another world size cannot continue bit-exactly
             ckpt.set_rng_state(rngs[self.dist.rank])
 
 
+class DivergedError(RuntimeError):
+    """Training cannot continue: a non-finite update reached the weights."""
+
+
 def train(cfg: Config, dist: DistInfo) -> dict:
-    """Build a :class:`Trainer` for ``cfg`` on this rank and run it; returns the final metrics."""
+    """Build a :class:`Trainer` for ``cfg`` on this rank and run it; returns the final metrics.
+
+    While it runs, stop signals end it with a checkpoint (result["signal"]) and the watchdog
+    ends a hung rank.
+    """
     trainer = Trainer(cfg, dist)
+    trainer.signals.install()
+    trainer.watchdog.start()
     try:
         return trainer.fit()
     finally:
+        trainer.watchdog.stop()
+        trainer.signals.restore()
         trainer.log.close()
 

@@ -6,9 +6,10 @@ from .load import (annotated_yaml, describe, dump_yaml, from_dict, load_config, 
                    to_dict)
 from .sections import (CheckpointConfig, Config, ConfigError, DataConfig, EarlyStopConfig,
                        EngineConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RunConfig,
-                       ScheduleConfig, TrainConfig, doc)
+                       ScheduleConfig, TrainConfig, WatchdogConfig, doc)
 
 __all__ = ["annotated_yaml", "describe", "dump_yaml", "from_dict", "load_config",
            "parse_override", "to_dict", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EarlyStopConfig", "EngineConfig", "EvalConfig", "LogConfig",
-           "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "doc"]
+           "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
+           "WatchdogConfig", "doc"]

@@ -101,6 +101,8 @@ class TrainConfig:
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     clip_grad: float = doc(0.0, "clip the global gradient norm to this value (0 = off)")
     label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
+    max_nonfinite_steps: int = doc(20, "stop after N consecutive steps with a non-finite gradient, "
+                                   "each skipped (0 = never stop)")
     channels_last: bool = doc(False, "use channels_last memory format (faster convs on GPU)")
     compile: bool = doc(False, "torch.compile the model (slow first step)")
 
@@ -111,6 +113,7 @@ class TrainConfig:
         check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0")
         check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
 
 
 @dataclass
@@ -211,11 +214,14 @@ class CheckpointConfig:
     """Checkpoints in <run>/checkpoints/."""
 
     every_steps: int = doc(0, "write last.pt every N optimizer steps (0 = only at epoch ends)")
+    every_minutes: float = doc(0.0, "also write last.pt when this many minutes passed since the "
+                               "previous save (0 = off)")
     keep_last: int = doc(0, "also keep the newest K step_XXXXXXXX.pt files (0 = none)")
     save_best: bool = doc(True, "write best.pt when early_stop.metric improves")
 
     def __post_init__(self) -> None:
         check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        check(self.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
         check(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
 
 
@@ -250,6 +256,18 @@ class EarlyStopConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Hang detection: a rank that makes no progress dumps its stacks and exits."""
+
+    timeout: float = doc(1800.0, "seconds without a finished step or eval batch before the rank "
+                         "dumps stacks to the run folder and exits 124 (0 = off)")
+
+    def __post_init__(self) -> None:
+        check(self.timeout == 0 or self.timeout >= 10, "watchdog.timeout",
+              f"{self.timeout} s is too short (0 = off, else >= 10)")
+
+
+@dataclass
 class Config:
     """The whole run. Each component receives only its own section."""
 
@@ -265,6 +283,7 @@ class Config:
     checkpoint: CheckpointConfig = doc(None, "checkpoints")
     log: LogConfig = doc(None, "logging")
     early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
+    watchdog: WatchdogConfig = doc(None, "hang detection")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig
 from ..dist import DistInfo
+from ..guard import ignore_stop_signals
 from ..shards.manifest import Manifest, load_manifest
 from . import plan
 from .stream import ProblemLog, ShardStream
@@ -54,7 +55,9 @@ class ShardLoader:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            in_order=True)  # round-robin order is what the resume math relies on
+                            # round-robin order is what the resume math relies on
+                            in_order=True,
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None)
         for batch in loader:
             self.consumed += 1
             yield batch
