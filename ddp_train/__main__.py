@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             distributed.teardown(info)
     if result["signal"]:  # checkpointed and stopped early: exit as a process killed by it would
         return 128 + result["signal"]
-    return 3 if result["diverged"] else 0
+    if result["diverged"]:
+        if info.is_main:
+            print(f"ddp-train: error: {result['stop_reason']}", file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

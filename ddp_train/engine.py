@@ -70,6 +70,9 @@ class Engine:
         # underflow. A disabled scaler is a pass-through, which keeps backward/step branch-free.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.model = self._wrap(model, dist)
+        # Floating buffers (BatchNorm running stats) as of the last finite step; see step().
+        self._buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
+        self._good_buffers = [b.detach().clone() for b in self._buffers]
         if compile:
             # Compile after DDP wrapping: dynamo then splits the graph at DDP bucket boundaries so
             # the gradient all-reduce still overlaps the backward pass.
@@ -138,9 +141,14 @@ class Engine:
         if not self.scaler.is_enabled() and not math.isfinite(norm):
             # fp32/bf16: a NaN/inf gradient would poison weights and optimizer state for good.
             # Skip the update as fp16's scaler does; the norm is post-all-reduce, so every rank
-            # skips the same step.
+            # skips the same step. The forward pass already moved the BatchNorm running stats
+            # towards NaN: put back those of the last good step.
             self.optimizer.zero_grad(set_to_none=True)
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._good_buffers)
             return StepOutput(grad_norm=norm, skipped=True)
+        if self._buffers:  # a handful of small tensors (BatchNorm stats): cheap to copy per update
+            torch._foreach_copy_(self._good_buffers, self._buffers)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # fp16: skips optimizer.step when a grad is inf/nan
         self.scaler.update()
@@ -156,6 +164,8 @@ class Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (model strictly, optimizer, scaler)."""
         self.unwrapped.load_state_dict(state["model"])
+        if self._buffers:  # the loaded stats are the last good ones now
+            torch._foreach_copy_(self._good_buffers, self._buffers)
         self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params' device
         if state.get("scaler"):  # empty when saved by a non-fp16 run: keep the fresh scaler
             self.scaler.load_state_dict(state["scaler"])

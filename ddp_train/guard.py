@@ -49,7 +49,9 @@ class StopSignals:
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
             # On demand: `kill -USR2 <pid>` prints every thread's stack, the job keeps running.
-            faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+            # faulthandler needs a real file descriptor: the process's own stderr, not a
+            # replacement object (pytest's capture, a notebook).
+            faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -193,7 +195,7 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as e:
             print(f"ddp-train watchdog: cannot write {path}: {e}", file=sys.stderr)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
         print(message, file=sys.stderr, flush=True)
         # os._exit, not sys.exit: the main thread is stuck (that is the point), so an exception
         # raised here would never reach it, and atexit handlers could block on the same lock.

@@ -1,0 +1,321 @@
+"""Read a run's logs into tables: metrics.jsonl and eval.jsonl, or the human-readable train.log.
+
+The format is described in docs/logs.md. Two of its rules shape this module:
+
+* **Later records win.** A resumed run restarts from its checkpoint's step, so the steps between
+  that checkpoint and the kill appear twice. The last record of each step is kept (of each
+  ``(split, step)`` for evals), as in the reference reader of docs/logs.md.
+* **A torn line is not an error.** A killed job, or one still writing, can leave half a line at
+  the end of a launch. Lines that do not parse are skipped.
+
+metrics.jsonl can hold millions of lines, too many for one ``json.loads`` per line. The step
+lines of one launch all have the same keys in the same order, so they are rewritten into CSV
+(one ``bytes.translate``) and parsed by pandas' C reader in bulk, in pieces of ~16 MB on all
+cores; every key column is then checked to hold one key only. A piece that fails the check is
+parsed line by line instead.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pandas as pd
+
+# Step-record fields the figures and the report use; others (grad_norm, gpu_mem_gb) are not read.
+STEP_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "data_s", "step_s", "time")
+REQUIRED_FIELDS = ("step", "epoch", "loss")
+
+PIECE_BYTES = 16 << 20  # step lines are parsed in pieces of ~16 MB (~50,000 lines)
+# '{"step":1,"loss":0.5}' -> ',"step",1,"loss",0.5,': keys and values become alternating CSV
+# fields, framed by an empty field at each end.
+_JSON_TO_CSV = bytes.maketrans(b"{:}", b",,,")
+
+
+class LogError(Exception):
+    """A log that cannot be plotted. The CLI prints the message as a single line."""
+
+
+@dataclass
+class Run:
+    """Everything read from one run's logs."""
+
+    name: str  # the run folder's name, used as the legend label
+    source: str  # the file the steps were read from
+    steps: pd.DataFrame  # one row per step (later records win), sorted; columns from STEP_FIELDS
+    evals: list = field(default_factory=list)  # eval records, later wins per (split, step)
+    starts: list = field(default_factory=list)  # "start" events: one per launch, in order
+    resumes: list = field(default_factory=list)  # steps at which a launch resumed
+    end: Optional[dict] = None  # the last "end" event; None while running or after a kill
+    replaced: int = 0  # step records superseded by a later record of the same step
+
+
+def load_run(path: str) -> Run:
+    """Read a run given its folder, its ``metrics.jsonl``, or a text log (``train.log``).
+
+    Evals come from the ``eval.jsonl`` next to the file; a text log without one falls back to its
+    own ``eval ...`` summary lines (no per-class numbers then). Raises :class:`LogError`.
+    """
+    path = _log_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    head = data.lstrip()[:1]
+    if not head:
+        raise LogError(f"{path}: the file is empty")
+    run = _parse_metrics(data) if head == b"{" else _parse_text_log(data)
+    run.source = path
+    folder = os.path.dirname(os.path.abspath(path))
+    run.name = os.path.basename(folder)
+    if len(run.steps) == 0:
+        raise LogError(f"{path}: no step records (expected metrics.jsonl or train.log lines)")
+    missing = [name for name in REQUIRED_FIELDS if name not in run.steps]
+    if missing:
+        raise LogError(f"{path}: step records have no {', '.join(missing)} field")
+    eval_path = os.path.join(folder, "eval.jsonl")
+    if os.path.isfile(eval_path):
+        run.evals = read_evals(eval_path)
+    return run
+
+
+def _log_file(path: str) -> str:
+    """The file to read for ``path``: itself, or the log inside a run folder."""
+    if os.path.isdir(path):
+        for name in ("metrics.jsonl", "train.log"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise LogError(f"{path}: no metrics.jsonl or train.log in this folder")
+    if not os.path.isfile(path):
+        raise LogError(f"{path}: no such file or folder")
+    return path
+
+
+def _loads(line: bytes) -> Any:
+    """``json.loads``, or None for a line that does not parse (a torn line, garbage)."""
+    try:
+        return json.loads(line)
+    except ValueError:  # also covers bad UTF-8
+        return None
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def _parse_metrics(data: bytes) -> Run:
+    """A Run from the bytes of a metrics.jsonl (name, source and evals are filled in later)."""
+    blocks, events = _split_at_events(data)
+    pieces = [piece for start, end in blocks
+              for piece in _cut(data, start, _end_without_torn_line(data, start, end))]
+    # pandas' C reader releases the GIL while it tokenizes, so pieces parse in parallel threads.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        frames = list(pool.map(lambda piece: _parse_steps(data[piece[0]:piece[1]]), pieces))
+    frames = [frame for frame in frames if len(frame)]
+    steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    steps, replaced = later_wins(steps)
+    ends = [e for e in events if e["event"] == "end"]
+    return Run(name="", source="", steps=steps, replaced=replaced,
+               starts=[e for e in events if e["event"] == "start"],
+               resumes=[int(e["step"]) for e in events if e["event"] == "resume"],
+               end=ends[-1] if ends else None)
+
+
+def _split_at_events(data: bytes) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Cut the file at its event lines: ``(start, end)`` of the step-line blocks between them,
+    and the parsed events.
+
+    Events are rare (a few per launch), so they are found with ``bytes.find`` instead of
+    splitting millions of lines; each block is then one launch's steps (or part of them).
+    """
+    blocks, events, pos = [], [], 0
+    while (hit := data.find(b'"event"', pos)) != -1:
+        start = data.rfind(b"\n", 0, hit) + 1
+        end = data.find(b"\n", hit)
+        end = len(data) if end == -1 else end + 1
+        blocks.append((pos, start))
+        event = _loads(data[start:end])
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+        pos = end
+    blocks.append((pos, len(data)))
+    return blocks, events
+
+
+def _end_without_torn_line(data: bytes, start: int, end: int) -> int:
+    """Where the block ``data[start:end]`` ends once a last line that does not parse is dropped.
+
+    A kill mid-write tears the last line of a launch, and the next launch's first record is an
+    event, so a torn line is always the last one of a block. Dropping it here keeps the block
+    uniform for the bulk parser.
+    """
+    body_end = end
+    while body_end > start and data[body_end - 1:body_end].isspace():
+        body_end -= 1
+    last = max(data.rfind(b"\n", start, body_end) + 1, start)
+    return end if _loads(data[last:body_end]) is not None else last
+
+
+def _cut(data: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """Split ``data[start:end]`` at line ends into spans of about :data:`PIECE_BYTES`."""
+    spans = []
+    while end - start > PIECE_BYTES:
+        cut = data.find(b"\n", start + PIECE_BYTES, end)
+        if cut == -1:
+            break
+        spans.append((start, cut + 1))
+        start = cut + 1
+    return spans + [(start, end)]
+
+
+def _parse_steps(chunk: bytes) -> pd.DataFrame:
+    """The step records of a block of lines: bulk-parsed when uniform, else line by line."""
+    if not chunk or chunk.isspace():
+        return pd.DataFrame()
+    try:
+        return _parse_steps_bulk(chunk)
+    except ValueError:  # not uniform: another key order, a garbage line, a string value...
+        return _parse_steps_by_line(chunk)
+
+
+def _parse_steps_bulk(chunk: bytes) -> pd.DataFrame:
+    """Parse a block whose lines all have the first line's keys, in order; ValueError if not."""
+    first_end = chunk.find(b"\n")
+    first = json.loads(chunk[:first_end] if first_end != -1 else chunk)
+    if not isinstance(first, dict) or not all(
+            isinstance(v, (int, float)) or v is None for v in first.values()):
+        raise ValueError("not a flat record of numbers")  # strings could hold commas
+    keys = list(first)
+    wanted = [k for k in keys if k in STEP_FIELDS]
+    names = ["open"] + [name for k in keys for name in (f"key {k}", k)] + ["close"]
+    key_columns = {f"key {k}": "category" for k in wanted}
+    # "null" (a non-finite value, docs/logs.md) is one of pandas' default NA strings -> NaN.
+    frame = pd.read_csv(io.BytesIO(chunk.translate(_JSON_TO_CSV)), header=None, names=names,
+                        usecols=wanted + list(key_columns), dtype=key_columns)
+    # Each key column must hold its own key on every line; this catches a line with other keys,
+    # missing keys or another order (a line with too many fields already raised ParserError).
+    for k in wanted:
+        column = frame.pop(f"key {k}")
+        if column.hasnans or list(column.cat.categories) != [k]:
+            raise ValueError(f"key {k!r} is not in the same place on every line")
+        if not pd.api.types.is_numeric_dtype(frame[k]):
+            raise ValueError(f"{k!r} holds something other than numbers")
+    return frame[wanted]
+
+
+def _parse_steps_by_line(chunk: bytes) -> pd.DataFrame:
+    """The slow path: ``json.loads`` per line, skipping lines that do not parse."""
+    records = []
+    for line in chunk.splitlines():
+        record = _loads(line)
+        if isinstance(record, dict) and "step" in record and "event" not in record:
+            records.append({k: record[k] for k in STEP_FIELDS if k in record})
+    frame = pd.DataFrame.from_records(records)
+    return frame.apply(pd.to_numeric, errors="coerce")  # null -> NaN, stray strings -> NaN
+
+
+def later_wins(steps: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the last record of each step (file order), sorted by step; also the number dropped.
+
+    After a resume the steps between the checkpoint and the kill are logged again. The rerun's
+    values are the ones the final weights descend from, so they replace the earlier ones.
+    """
+    if "step" not in steps:
+        return steps, 0
+    steps = steps.dropna(subset=["step"])
+    kept = steps.drop_duplicates("step", keep="last").sort_values("step", kind="stable")
+    kept = kept.astype({"step": "int64"}).reset_index(drop=True)
+    if "epoch" in kept and not kept["epoch"].hasnans:
+        kept["epoch"] = kept["epoch"].astype("int64")
+    return kept, len(steps) - len(kept)
+
+
+def read_evals(path: str) -> list[dict]:
+    """The records of an eval.jsonl: the last one per ``(split, step)``, sorted by step."""
+    latest: dict = {}
+    with open(path, "rb") as f:
+        for line in f:
+            record = _loads(line)
+            if isinstance(record, dict) and "split" in record and "step" in record:
+                latest[(record["split"], record["step"])] = record
+    return sorted(latest.values(), key=lambda record: record["step"])
+
+
+# ----------------------------------------------------------------------------- train.log
+
+_STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| "
+_STEP_LINE = re.compile(_STAMP + r"step (?P<step>\d+)/(?P<total>\d+) \| (?P<rest>.*)")
+_EVAL_LINE = re.compile(_STAMP + r"eval (?P<split>\S+) step (?P<step>\d+) \| (?P<rest>.*)")
+_RESUME_LINE = re.compile(_STAMP + r"resumed from .* at step (?P<step>\d+)")
+_STOP_LINE = re.compile(_STAMP + r"stopped: (?P<reason>.*)")
+_RUN_LINE = re.compile(
+    _STAMP + r"run \S+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
+    r"(?P<batch_size>\d+) x accum (?P<grad_accum>\d+) \| (?P<updates_per_epoch>\d+) "
+    r"updates/epoch \| (?P<total_steps>\d+) updates")
+# The parts of a step line after "step N/T", e.g. "epoch 1", "loss 0.3028", "41 img/s".
+_STEP_PARTS = {"epoch": re.compile(r"epoch (\S+)"), "loss": re.compile(r"loss (\S+)"),
+               "lr": re.compile(r"lr (\S+)"), "samples_per_s": re.compile(r"(\S+) img/s")}
+
+
+def _parse_text_log(data: bytes) -> Run:
+    """A Run from train.log lines (or a Slurm log of ``log.progress: plain``).
+
+    Only every ``log.interval``-th step is in such a log, with rounded values; the numbers are
+    what the lines say. Times are the local-time stamps, so only differences are meaningful.
+    """
+    steps, evals, starts, resumes, end = [], [], [], [], None
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if m := _STEP_LINE.match(line):
+            steps.append({"stamp": m["stamp"], "step": int(m["step"]), **_step_parts(m["rest"])})
+        elif m := _EVAL_LINE.match(line):
+            evals.append({"stamp": m["stamp"], "split": m["split"], "step": int(m["step"]),
+                          **_named_numbers(m["rest"])})
+        elif m := _RESUME_LINE.match(line):
+            resumes.append(int(m["step"]))
+        elif m := _RUN_LINE.match(line):
+            starts.append({k: v if k == "model" else int(v)
+                           for k, v in m.groupdict().items() if k != "stamp"})
+        elif m := _STOP_LINE.match(line):
+            end = {"event": "end", "reason": m["reason"]}
+    steps_frame, replaced = later_wins(_with_unix_time(pd.DataFrame(steps)))
+    eval_records = _with_unix_time(pd.DataFrame(evals)).to_dict("records")
+    latest = {(r["split"], r["step"]): r for r in eval_records}  # later wins here too
+    return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
+               resumes=resumes, end=end,
+               evals=sorted(latest.values(), key=lambda record: record["step"]))
+
+
+def _step_parts(rest: str) -> dict:
+    """``"epoch 1 | loss 0.30 | lr 2.87e-03 | 41 img/s | eta 0:01:37"`` -> numbers by field."""
+    values = {}
+    for part in rest.split(" | "):
+        for name, pattern in _STEP_PARTS.items():
+            if m := pattern.fullmatch(part):
+                values[name] = _float(m[1])
+    return values
+
+
+def _named_numbers(rest: str) -> dict:
+    """``"loss 1.0803 | acc 0.6936"`` -> ``{"loss": 1.0803, "acc": 0.6936}``."""
+    values = {}
+    for part in rest.split(" | "):
+        name, _, value = part.partition(" ")
+        values[name] = _float(value)
+    return values
+
+
+def _float(text: str) -> float:
+    """``float(text)``, NaN when the text is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _with_unix_time(frame: pd.DataFrame) -> pd.DataFrame:
+    """Replace the ``stamp`` column by ``time`` in seconds (naive local time)."""
+    if "stamp" not in frame:
+        return frame
+    stamps = pd.to_datetime(frame.pop("stamp"), format="%Y-%m-%d %H:%M:%S")
+    frame["time"] = (stamps - pd.Timestamp(0)).dt.total_seconds()
+    return frame
