@@ -3,7 +3,8 @@
 Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``accelerate launch``
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use). ``export-weights RUN`` writes a timm-loadable weights file
-(see :mod:`ddp_train.export`).
+(see :mod:`ddp_train.export`); ``submit`` renders and submits a Slurm job (see
+:mod:`ddp_train.submit`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from .export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["submit"]:
+        from .submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = parse_args(argv)
     # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
     resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []
