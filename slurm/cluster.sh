@@ -124,16 +124,17 @@ start() {
 }
 
 stop() {
-  local pidfile pid
+  local pidfile pid pids=()
+  # TERM all daemons at once (each takes ~2 s to shut down), then wait, then KILL stragglers.
   for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
     [[ -f $pidfile ]] || continue
     pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid"
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-    fi
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     rm -f "$pidfile"
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
   done
   # Job steps outlive a stopped slurmd (slurmstepd is its own process): end ours only.
   pkill_steps

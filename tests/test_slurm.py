@@ -32,7 +32,7 @@ from ddp_train.dist import DistInfo
 CLUSTER = os.path.join(ROOT, "slurm", "cluster.sh")
 STATE = "/tmp/ddp-train-slurm"  # cluster.sh's default state folder
 # A short CPU run: 2 ranks of resnet10t on 32 px digits take ~0.3 s per step on 2 cores.
-TRAIN = ["train.max_steps=30", "data.num_workers=0", "eval.every_epoch=false",
+TRAIN = ["train.max_steps=20", "data.num_workers=0", "eval.every_epoch=false",
          "eval.test_at_end=false", "log.progress=plain", "seed=1"]
 
 
@@ -133,7 +133,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, digits, tmp_path):
     stopped = [r for r in _records(run_dir) if r.get("event") == "preempted"]
     assert len(stopped) == 1, _read(log)[-3000:]
     step = stopped[0]["step"]
-    assert 3 <= step < 30
+    assert 3 <= step < 20
     if not any(r.get("event") == "resume" for r in _records(run_dir)):  # not rerun yet
         assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == step
 
@@ -146,13 +146,13 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, digits, tmp_path):
     # One run folder, continued: steps 1..30 each once, in order, around one resume record.
     records = _records(run_dir)
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 31)), steps
+    assert steps == list(range(1, 21)), steps
     events = [(r["event"], r["step"]) for r in records if "event" in r]
     assert events == [("start", 0), ("preempted", step), ("resume", step), ("start", step),
-                      ("end", 30)], events
+                      ("end", 20)], events
     assert f"resumed from {run_dir}/checkpoints/last.pt at step {step}" in \
         _read(os.path.join(run_dir, "train.log"))
-    assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == 30
+    assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == 20
 
 
 def test_submit_multinode_two_fake_nodes(cluster, digits, tmp_path):
