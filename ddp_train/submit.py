@@ -35,7 +35,8 @@ class SubmitError(Exception):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command line of ``ddp-train submit``."""
     p = argparse.ArgumentParser(prog="ddp-train submit",
-                                description=__doc__.splitlines()[0].split(": ", 1)[1])
+                                description="Render an sbatch script for a config and submit it "
+                                            "to Slurm (docs/slurm.md).")
     p.add_argument("--config", help="YAML config file (default: the bundled demo)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus", type=int, default=1,
