@@ -1,7 +1,9 @@
 """The Slurm scripts against a real Slurm on this host (slurm/cluster.sh: slurmctld + 2 slurmd).
 
-* preemption: ``slurm/train.sbatch`` (2 CPU ranks under torchrun) gets USR1 through
-  ``scancel --batch --signal=USR1`` mid-run; every rank checkpoints, the job requeues itself,
+* preemption: ``slurm/train.sbatch`` (torchrun with one CPU rank: a second rank would add ~30 s
+  of start-up on 2 cores; several ranks under Slurm are the multi-node test's part, their
+  agreement on the stop step test_resilience's) gets USR1 through
+  ``scancel --batch --signal=USR1`` mid-run; the rank checkpoints, the job requeues itself,
   reruns with the same id and ``SLURM_RESTART_COUNT=1``, resumes the same run folder at that
   step and finishes; metrics.jsonl continues step by step.
 * multi-node: ``ddp-train submit --nodes 2`` renders ``slurm/train_multinode.sbatch`` and submits
@@ -31,7 +33,7 @@ from ddp_train.dist import DistInfo
 
 CLUSTER = os.path.join(ROOT, "slurm", "cluster.sh")
 STATE = "/tmp/ddp-train-slurm"  # cluster.sh's default state folder
-# A short CPU run: 2 ranks of resnet10t on 32 px digits take ~0.3 s per step on 2 cores.
+# A short CPU run: resnet10t on 32 px digits takes ~0.3 s per step on 2 cores.
 TRAIN = ["train.max_steps=20", "data.num_workers=0", "eval.every_epoch=false",
          "eval.test_at_end=false", "log.progress=plain", "seed=1"]
 
@@ -115,7 +117,7 @@ def _wait(job_id: str, env: dict, log: str, until, what: str, timeout: float) ->
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, digits, tmp_path):
-    env = dict(cluster, GPUS="2", RUN_DIR=str(tmp_path / "run"))
+    env = dict(cluster, GPUS="1", RUN_DIR=str(tmp_path / "run"))
     run_dir, log = env["RUN_DIR"], str(tmp_path / "slurm-%j.out")
     # The script asks for 4 GPUs and 32 cores; sbatch options override #SBATCH lines.
     job_id = subprocess.run(
