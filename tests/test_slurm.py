@@ -33,8 +33,10 @@ from ddp_train.dist import DistInfo
 
 CLUSTER = os.path.join(ROOT, "slurm", "cluster.sh")
 STATE = "/tmp/ddp-train-slurm"  # cluster.sh's default state folder
-# A short CPU run: resnet10t on 32 px digits takes ~0.3 s per step on 2 cores.
-TRAIN = ["train.max_steps=20", "data.num_workers=0", "eval.every_epoch=false",
+# A short CPU run: resnet10t on 32 px digits takes ~0.2 s per step on 2 cores. The USR1 comes
+# at step 3: the remaining steps leave a faster machine time to deliver it mid-run.
+STEPS = 40
+TRAIN = [f"train.max_steps={STEPS}", "data.num_workers=0", "eval.every_epoch=false",
          "eval.test_at_end=false", "log.progress=plain", "seed=1"]
 
 
@@ -101,16 +103,17 @@ def _read(path: str) -> str:
 
 
 def _wait(job_id: str, env: dict, log: str, until, what: str, timeout: float) -> dict:
-    """Poll the job every 0.5 s until ``until(job)`` is true; fail on a failed job or timeout."""
+    """Poll the job every 0.2 s until ``until(job)`` is true; fail on a failed job or timeout."""
     deadline = time.monotonic() + timeout
     job: dict = {}
     while time.monotonic() < deadline:
         job = _job(job_id, env)
         if until(job):
             return job
-        if job.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                   "OUT_OF_MEMORY"):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     subprocess.run(["scancel", job_id], env=env, capture_output=True)
     pytest.fail(f"job {job_id}: {what} not seen within {timeout:.0f}s (state "
                 f"{job.get('JobState')}, restarts {job.get('Restarts')})\n{_read(log)[-5000:]}")
@@ -135,7 +138,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, digits, tmp_path):
     stopped = [r for r in _records(run_dir) if r.get("event") == "preempted"]
     assert len(stopped) == 1, _read(log)[-3000:]
     step = stopped[0]["step"]
-    assert 3 <= step < 20
+    assert 3 <= step < STEPS
     if not any(r.get("event") == "resume" for r in _records(run_dir)):  # not rerun yet
         assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == step
 
@@ -145,16 +148,16 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, digits, tmp_path):
     text = _read(log)
     assert "requeueing job" in text and "restart 1" in text, text[-3000:]
 
-    # One run folder, continued: steps 1..30 each once, in order, around one resume record.
+    # One run folder, continued: steps 1..STEPS each once, in order, around one resume record.
     records = _records(run_dir)
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 21)), steps
+    assert steps == list(range(1, STEPS + 1)), steps
     events = [(r["event"], r["step"]) for r in records if "event" in r]
     assert events == [("start", 0), ("preempted", step), ("resume", step), ("start", step),
-                      ("end", 20)], events
+                      ("end", STEPS)], events
     assert f"resumed from {run_dir}/checkpoints/last.pt at step {step}" in \
         _read(os.path.join(run_dir, "train.log"))
-    assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == 20
+    assert ckpt.read_meta(os.path.join(run_dir, "checkpoints", "last.pt"))["step"] == STEPS
 
 
 def test_submit_multinode_two_fake_nodes(cluster, digits, tmp_path):
