@@ -125,6 +125,11 @@ class DeepSpeedEngine(Engine):
         # client's group dicts, so the timm schedule setting group["lr"] reaches every update.
         self.optimizer = self._ds.optimizer
 
+    @property
+    def collective_forward(self) -> bool:
+        """ZeRO-3 partitions the weights: each forward all-gathers them layer by layer."""
+        return self._ds.zero_optimization_stage() == 3
+
     def _wrap(self, model: nn.Module, dist: DistInfo) -> nn.Module:
         import deepspeed  # lazy: DDP users need not install deepspeed
 

@@ -256,7 +256,8 @@ class Trainer:
         metrics = evaluate(self.engine.unwrapped, self.watchdog.watch(loader), self.criterion,
                            num_classes=self.manifest.num_classes, class_names=self.classes,
                            device=self.dist.device, dist=self.dist,
-                           autocast=self.engine_autocast)
+                           autocast=self.engine_autocast,
+                           equal_forwards=self.engine.collective_forward)
         self.log.log_eval({"split": split, "step": self.progress.step,
                            "epoch": self.progress.epoch, **metrics})
         return metrics

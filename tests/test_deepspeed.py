@@ -130,3 +130,12 @@ def test_checkpoint_resume_and_export(digits, tmp_path):
     fresh = timm.create_model("test_resnet", num_classes=10).state_dict()
     assert all(a[k].dtype == fresh[k].dtype and torch.equal(a[k], b[k]) for k in fresh)
     assert not torch.equal(a["fc.weight"], fresh["fc.weight"])  # trained weights, not init
+
+
+def test_zero3_eval_with_uneven_rank_batches_finishes_exactly(digits, tmp_path):
+    """ZeRO-3's forward is collective: ranks with fewer eval batches run padding forwards."""
+    out = str(tmp_path / "z3.json")
+    run_torchrun(os.path.join(ROOT, "tests", "dist_scripts", "zero3_eval.py"), digits, out,
+                 timeout=300)
+    assert read_json(out) == {"count": 359, "batches": [1, 2],
+                              "collective_forward": True}
