@@ -14,7 +14,6 @@ import copy
 import glob
 import importlib
 import os
-import shutil
 from typing import Any, Optional
 
 import torch
@@ -186,24 +185,17 @@ class DeepSpeedEngine(Engine):
     def save_checkpoint(self, path: str, client_state: dict, meta: dict) -> None:
         """All ranks: DeepSpeed writes folder ``path`` (model, optimizer, ``client_state``).
 
-        DeepSpeed overwrites files in place, so it writes a temp folder that rank 0 then renames
-        over ``path``; the JSON sidecar, written last, lists the files and their sizes and is what
-        makes the folder a resume candidate (a kill midway leaves no sidecar for a torn folder).
-        Unlike a .pt file this is not all-or-nothing: a kill between the two renames leaves no
-        ``path``, and resume='auto' falls back to the newest step checkpoint.
+        DeepSpeed overwrites files in place, so it writes a temp folder that rank 0 then swaps in
+        over ``path`` (:func:`checkpoint.replace_folder`); the JSON sidecar, written last, lists
+        the files and their sizes and is what makes the folder a resume candidate. A kill at any
+        point leaves the previous or the new checkpoint, each with its own sidecar.
         """
         parent, name = os.path.split(path)
-        tmp, old = f".{name}{ckpt.TMP_SUFFIX}", f".{name}.old{ckpt.TMP_SUFFIX}"
+        tmp = f".{name}{ckpt.TMP_SUFFIX}"
         self._ds.save_checkpoint(parent, tag=tmp, client_state=client_state, save_latest=False)
-        barrier(self.dist)  # every rank's partition is on disk before the rename
+        barrier(self.dist)  # every rank's partition is on disk before the swap
         if self.dist.is_main:
-            if os.path.exists(path + ".json"):
-                os.remove(path + ".json")  # the old sidecar must not describe the new folder
-            if os.path.isdir(path):
-                os.replace(path, os.path.join(parent, old))
-            os.replace(os.path.join(parent, tmp), path)
-            ckpt.write_sidecar(path, meta, keys=sorted(client_state))
-            shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+            ckpt.replace_folder(os.path.join(parent, tmp), path, meta, keys=sorted(client_state))
         barrier(self.dist)  # nobody loads or prunes before the sidecar exists
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
