@@ -38,7 +38,7 @@ def test_zero_stages_train_like_ddp(tmp_path):
     r = read_json(str(result))
     ddp = r["ddp"]
     assert r["world_size"] == 2 and ddp["losses"][-1] < 0.8 * ddp["losses"][0]
-    for stage in ("zero0", "zero2", "zero3"):
+    for stage in ("zero0", "zero2", "zero3", "zero2_offload"):
         ds = r[stage]
         assert ds["engine"] == "deepspeed" and ds["lrs"] == ddp["lrs"]  # timm schedule applied
         assert ds["losses"] == pytest.approx(ddp["losses"], rel=1e-4), stage
