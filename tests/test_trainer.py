@@ -55,8 +55,13 @@ def test_golden_loss(digits, tmp_path):
                                             if not line.startswith("#"))}
     assert golden.keys() == losses.keys()
     for step, value in golden.items():
-        # Tolerance covers CPU instruction-set differences, not behaviour changes.
-        assert losses[step] == pytest.approx(value, abs=2e-3), f"step {step}"
+        # Tolerance covers CPU instruction-set differences, not behaviour changes. Kernels differ
+        # in the last bits between CPUs (AVX2 Intel vs AVX-512 AMD measured: 1e-6 at step 5), and
+        # SGD amplifies that ~5x per step after step 10 (1% by step 19). The early steps carry the
+        # test: any change of data order, init, augmentation, loss or optimizer moves them by
+        # 1e-2 or more.
+        tol = dict(abs=1e-3) if step <= 10 else dict(rel=0.03)
+        assert losses[step] == pytest.approx(value, **tol), f"step {step}"
     assert losses[20] < losses[1]
 
 
