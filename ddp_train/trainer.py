@@ -220,7 +220,7 @@ class Trainer:
         if (cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split)
                 and not p.diverged):
             result["test"] = self.run_eval(cfg.data.test_split)
-            if self.ema.module is not None and cfg.ema.eval:
+            if self.ema.module is not None and (cfg.ema.eval or cfg.early_stop.use_ema):
                 result["test_ema"] = self.run_eval(cfg.data.test_split, ema=True)
         log.event("end", step=p.step, reason=p.stop_reason or "epochs")
         return result

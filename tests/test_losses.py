@@ -63,6 +63,14 @@ def test_class_weight_errors_are_one_line():
     with pytest.raises(ConfigError, match="train.label_smoothing: moved to loss.label_smoothing"):
         load_config(None, ["train.label_smoothing=0.1"])
     assert load_config(None, ["loss.class_weights=[1, 2.5]"]).loss.class_weights == [1.0, 2.5]
+    # checks across sections fail when the config loads, before a run folder exists
+    for extra, words in [(["loss.class_weights=balanced"], "loss.class_weights: cannot be comb"),
+                         (["loss.focal_gamma=2"], "loss.focal_gamma: cannot be combined"),
+                         (["train.batch_size=7"], "train.batch_size: 7 is odd")]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["augment.mixup_alpha=0.8", *extra])
+    with pytest.raises(ConfigError, match="early_stop.use_ema: needs an EMA"):
+        load_config(None, ["early_stop.use_ema=true"])
 
 
 # ------------------------------------------------------------------------------- focal loss

@@ -97,3 +97,18 @@ class EmaConfig:
     def enabled(self) -> bool:
         """True when an EMA is kept."""
         return self.decay > 0
+
+
+def check_recipe_keys(cfg) -> None:
+    """Checks across sections, run when the whole Config is built (before any run folder)."""
+    check(not cfg.early_stop.use_ema or cfg.ema.enabled, "early_stop.use_ema",
+          "needs an EMA to select on: set ema.decay (e.g. 0.9999)")
+    if cfg.augment.mixing:
+        for key, on in (("loss.class_weights", cfg.loss.weighted),
+                        ("loss.focal_gamma", cfg.loss.focal_gamma > 0)):
+            check(not on, key, "cannot be combined with mixup/cutmix (timm's "
+                  "SoftTargetCrossEntropy has no per-class factor); use data.class_balance to "
+                  "rebalance by sampling instead")
+        check(cfg.train.batch_size % 2 == 0, "train.batch_size",
+              f"{cfg.train.batch_size} is odd; mixup/cutmix pair each sample with the batch "
+              "reversed and need an even batch")

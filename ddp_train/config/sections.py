@@ -271,7 +271,7 @@ class WatchdogConfig:
 
 
 # Imported here, not at the top: recipes.py takes doc/check/one_of from this module.
-from .recipes import AugmentConfig, EmaConfig, LossConfig  # noqa: E402
+from .recipes import AugmentConfig, EmaConfig, LossConfig, check_recipe_keys  # noqa: E402
 
 
 @dataclass
@@ -299,8 +299,7 @@ class Config:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
                 setattr(self, f.name, _hint(Config, f.name)())
-        check(not self.early_stop.use_ema or self.ema.enabled, "early_stop.use_ema",
-              "needs an EMA to select on: set ema.decay (e.g. 0.9999)")
+        check_recipe_keys(self)
 
 
 def _hint(cls: type, name: str) -> Any:
