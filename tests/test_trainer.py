@@ -196,7 +196,7 @@ def test_early_stop_on_target(digits, tmp_path):
 
 def test_grad_accum_bf16_label_smoothing(digits, tmp_path):
     result = train(_quick(digits, tmp_path / "run", "train.grad_accum=2", "engine.precision=bf16",
-                          "train.label_smoothing=0.1", "train.max_steps=3",
+                          "loss.label_smoothing=0.1", "train.max_steps=3",
                           "eval.every_epoch=false", "schedule.name=step"), DistInfo())
     steps = _steps(result["run_dir"])
     assert sorted(steps) == [1, 2, 3] and all(r["loss"] > 0 for r in steps.values())
