@@ -106,6 +106,50 @@ def write_sidecar(path: str, meta: dict[str, Any], keys: list[str]) -> None:
     _atomic_write(path + ".json", lambda f: f.write(text.encode()))
 
 
+OLD = ".old"  # a folder checkpoint being replaced: .X.old/ and .X.old.json until the swap ends
+
+
+def replace_folder(tmp: str, path: str, meta: dict[str, Any], keys: list[str]) -> None:
+    """Swap the complete checkpoint folder ``tmp`` in as ``path`` (rank 0; DeepSpeed folders).
+
+    A folder cannot be renamed over another one atomically, so the previous folder and its
+    sidecar step aside as ``.X.old`` first and are deleted only once the new sidecar is written.
+    Whatever step a kill interrupts, :func:`recover_folder_swaps` finds either the new folder
+    with its sidecar or the previous one with its own, never a folder with a foreign sidecar.
+    """
+    parent, name = os.path.split(path)
+    old = os.path.join(parent, f".{name}{OLD}")
+    if os.path.isdir(path):
+        if os.path.exists(path + ".json"):
+            os.replace(path + ".json", old + ".json")  # (1) the old folder stops being a candidate
+        os.replace(path, old)  # (2)
+    os.replace(tmp, path)  # (3) the new folder, not yet described
+    write_sidecar(path, meta, keys)  # (4) the new folder becomes the checkpoint
+    shutil.rmtree(old, ignore_errors=True)  # (5)
+    if os.path.exists(old + ".json"):
+        os.remove(old + ".json")
+    _fsync_dir(parent)
+
+
+def recover_folder_swaps(directory: str) -> None:
+    """Finish or undo a :func:`replace_folder` that a kill interrupted (rank 0, before resume)."""
+    for old_json in glob.glob(os.path.join(directory, f".*{OLD}.json")):
+        old = old_json[:-len(".json")]
+        path = os.path.join(directory, os.path.basename(old)[1:-len(OLD)])
+        if os.path.exists(path + ".json"):  # killed in (5): the new checkpoint is complete
+            shutil.rmtree(old, ignore_errors=True)
+        elif os.path.isdir(old):  # killed after (2), before (4): put the previous one back
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(old, path)
+            os.replace(old_json, path + ".json")
+        else:  # killed between (1) and (2): the previous folder is still in place
+            os.replace(old_json, path + ".json")
+        if os.path.exists(old_json):
+            os.remove(old_json)
+    for old in glob.glob(os.path.join(directory, f".*{OLD}")):  # (5) half done: no sidecar
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def read_meta(path: str) -> Optional[dict[str, Any]]:
     """The sidecar of checkpoint ``path`` as a dict, or None when missing or unreadable."""
     try:
@@ -190,6 +234,7 @@ class CheckpointManager:
         self._write = write or self._write_on_main
         if dist.is_main:
             os.makedirs(directory, exist_ok=True)
+            recover_folder_swaps(directory)
             # Temp files / folders of a save that was killed midway: never renamed, safe to drop.
             for tmp in glob.glob(os.path.join(directory, f".*{TMP_SUFFIX}")):
                 shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)

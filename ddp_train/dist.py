@@ -85,7 +85,13 @@ def launch_env() -> dict[str, Any]:
                                               1),
                     launcher="deepspeed" if deepspeed else "torchrun",
                     restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0) + slurm_restarts,
-                    job_id=job_id, init_method="env://")
+                    job_id=job_id, init_method="env://",
+                    # torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT for every
+                    # restart round (see setup() for why the round matters).
+                    agent_store=(env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                                 and bool(env.get("MASTER_ADDR")) and bool(env.get("MASTER_PORT"))),
+                    store_addr=env.get("MASTER_ADDR", ""), store_port=_env_int("MASTER_PORT", 0),
+                    store_round=_env_int("TORCHELASTIC_RESTART_COUNT", 0))
     if _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env:  # srun, one task per rank
         host = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         # A port derived from the job id keeps two jobs sharing a node from colliding.
@@ -130,6 +136,18 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 1800.0
                 kwargs.update(rank=env["rank"], world_size=env["world_size"])
             if dev.type == "cuda":
                 kwargs["device_id"] = dev  # lets nccl create its communicator eagerly
+            if env.get("agent_store"):
+                # torchrun keeps ONE store alive across --max-restarts rounds, and env:// uses
+                # it without a per-round prefix: after a restart a fast rank can read a dead
+                # peer's address left by the previous round, and gloo fails with "connection
+                # refused". Namespacing the keys by round makes every round start clean.
+                base = tdist.TCPStore(env["store_addr"], env["store_port"], env["world_size"],
+                                      is_master=False,
+                                      timeout=datetime.timedelta(seconds=timeout_s))
+                kwargs.update(store=tdist.PrefixStore(f"ddp_train/round{env['store_round']}",
+                                                      base),
+                              rank=env["rank"], world_size=env["world_size"])
+                del kwargs["init_method"]
             tdist.init_process_group(**kwargs)
     else:
         backend = "none"

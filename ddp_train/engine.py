@@ -92,6 +92,11 @@ class Engine:
         return unwrap_model(self.model)
 
     @property
+    def collective_forward(self) -> bool:
+        """True when the bare model's forward runs collectives (every rank must call it)."""
+        return False
+
+    @property
     def is_boundary(self) -> bool:
         """True when the current micro-batch is the last of its accumulation window."""
         return (self.micro_step + 1) % self.grad_accum == 0

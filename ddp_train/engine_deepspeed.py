@@ -14,7 +14,6 @@ import copy
 import glob
 import importlib
 import os
-import shutil
 from typing import Any, Optional
 
 import torch
@@ -67,6 +66,11 @@ def deepspeed_config(block: dict, *, batch_size: int, grad_accum: int, clip_grad
     # The optimizer is timm's by design (lamb, lars, ... as well as AdamW): ZeRO only vouches for
     # a short list of optimizer classes and otherwise refuses to start.
     ds.setdefault("zero_allow_untested_optimizer", True)
+    # Same reason with optimizer offload: ZeRO-Offload refuses a client optimizer unless told
+    # otherwise. The timm optimizer then steps the offloaded fp32 states on the CPU in plain
+    # torch: same results as without offload (tests), slower than DeepSpeedCPUAdam, which would
+    # need a C++ build and exists for Adam only.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 2**31 - 1)  # ddp-train logs steps itself
     return ds
 
@@ -125,6 +129,11 @@ class DeepSpeedEngine(Engine):
         # client's group dicts, so the timm schedule setting group["lr"] reaches every update.
         self.optimizer = self._ds.optimizer
 
+    @property
+    def collective_forward(self) -> bool:
+        """ZeRO-3 partitions the weights: each forward all-gathers them layer by layer."""
+        return self._ds.zero_optimization_stage() == 3
+
     def _wrap(self, model: nn.Module, dist: DistInfo) -> nn.Module:
         import deepspeed  # lazy: DDP users need not install deepspeed
 
@@ -181,24 +190,17 @@ class DeepSpeedEngine(Engine):
     def save_checkpoint(self, path: str, client_state: dict, meta: dict) -> None:
         """All ranks: DeepSpeed writes folder ``path`` (model, optimizer, ``client_state``).
 
-        DeepSpeed overwrites files in place, so it writes a temp folder that rank 0 then renames
-        over ``path``; the JSON sidecar, written last, lists the files and their sizes and is what
-        makes the folder a resume candidate (a kill midway leaves no sidecar for a torn folder).
-        Unlike a .pt file this is not all-or-nothing: a kill between the two renames leaves no
-        ``path``, and resume='auto' falls back to the newest step checkpoint.
+        DeepSpeed overwrites files in place, so it writes a temp folder that rank 0 then swaps in
+        over ``path`` (:func:`checkpoint.replace_folder`); the JSON sidecar, written last, lists
+        the files and their sizes and is what makes the folder a resume candidate. A kill at any
+        point leaves the previous or the new checkpoint, each with its own sidecar.
         """
         parent, name = os.path.split(path)
-        tmp, old = f".{name}{ckpt.TMP_SUFFIX}", f".{name}.old{ckpt.TMP_SUFFIX}"
+        tmp = f".{name}{ckpt.TMP_SUFFIX}"
         self._ds.save_checkpoint(parent, tag=tmp, client_state=client_state, save_latest=False)
-        barrier(self.dist)  # every rank's partition is on disk before the rename
+        barrier(self.dist)  # every rank's partition is on disk before the swap
         if self.dist.is_main:
-            if os.path.exists(path + ".json"):
-                os.remove(path + ".json")  # the old sidecar must not describe the new folder
-            if os.path.isdir(path):
-                os.replace(path, os.path.join(parent, old))
-            os.replace(os.path.join(parent, tmp), path)
-            ckpt.write_sidecar(path, meta, keys=sorted(client_state))
-            shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+            ckpt.replace_folder(os.path.join(parent, tmp), path, meta, keys=sorted(client_state))
         barrier(self.dist)  # nobody loads or prunes before the sidecar exists
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:

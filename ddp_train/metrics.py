@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .config import EarlyStopConfig
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo, all_gather_objects, all_reduce_sum
 
 
 class ConfusionMatrix:
@@ -76,27 +76,37 @@ class ConfusionMatrix:
 
 def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, num_classes: int,
              class_names: Optional[Sequence[str]], device: torch.device, dist: DistInfo,
-             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
+             autocast: Callable[[], Any] = contextlib.nullcontext,
+             equal_forwards: bool = False) -> dict:
     """Evaluate ``model`` on this rank's ``(images, targets)`` batches; return global metrics.
 
     The result is :meth:`ConfusionMatrix.summary` plus ``loss``, the exact mean over all samples
     of all ranks. ``criterion`` returns the batch mean (e.g. ``nn.CrossEntropyLoss()``). Pass the
     bare model, not its DDP wrapper, whose forward may run collectives. ``autocast`` is a
     zero-argument context factory, e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``.
+    ``equal_forwards``: the model's forward is itself collective (DeepSpeed ZeRO-3 gathers each
+    layer's weights from all ranks), so ranks step through their batches in lockstep and a rank
+    that ran out runs discarded forwards until every rank has (see :func:`_lockstep`).
     """
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if equal_forwards and dist.distributed:
+        batches = _lockstep(batches, dist)
     try:
         with torch.inference_mode():
-            # No collectives in this loop: ranks may hold different numbers of batches, or none,
-            # and a per-batch all-reduce would then hang. Everything is summed once afterwards.
+            # No collectives in this loop (but _lockstep's, taken by all ranks at the same
+            # point): ranks may hold different numbers of batches, or none, and a per-batch
+            # all-reduce would then hang. Everything is summed once afterwards.
             for images, targets in batches:
                 images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
                 with autocast():
                     logits = model(images)
+                if targets is None:  # a padding forward: its output is not a sample
+                    continue
+                targets = targets.to(device, non_blocking=True)
+                with autocast():
                     loss = criterion(logits, targets)
                 # Sum of per-sample losses, so uneven batches and ranks weigh every sample once.
                 loss_sum += loss.double() * targets.numel()
@@ -108,6 +118,34 @@ def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, 
     result = matrix.summary(class_names)
     result["loss"] = loss_sum.item() / result["count"] if result["count"] else math.nan
     return result
+
+
+def _lockstep(batches: Iterable, dist: DistInfo) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yield this rank's batches so that every rank yields the same number, in step.
+
+    Before each forward all ranks exchange whether they still have a batch (and its shape).
+    When none has, the stream ends on every rank together; a rank that ran out meanwhile yields
+    ``(padding_images, None)``: its last batch again, or zeros shaped like another rank's batch
+    if it had none. The exchange must sit *between* forwards: DeepSpeed ZeRO-3 runs its own
+    collectives inside and at the end of each forward, so a count exchanged after the loop
+    would meet another rank's forward and the collectives would mismatch.
+    """
+    it, last = iter(batches), None
+    while True:
+        batch = next(it, None)
+        if batch is not None:
+            last = batch[0]
+        spec = None if batch is None else (tuple(batch[0].shape), str(batch[0].dtype))
+        specs = all_gather_objects(dist, spec)
+        if all(s is None for s in specs):
+            return
+        if batch is not None:
+            yield batch
+            continue
+        if last is None:  # this rank had no batch at all: zeros of another rank's batch shape
+            shape, dtype = next(s for s in specs if s is not None)
+            last = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        yield last, None
 
 
 class EarlyStopping:

@@ -25,8 +25,10 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data import build_loader
 from .dist import DistInfo, all_gather_objects
+from .ema import build_ema
 from .engine import build_engine
 from .guard import NonFiniteGuard, StopSignals, Watchdog, agree
+from .losses import build_criterion, build_mixup
 from .metrics import EarlyStopping, evaluate
 from .recipe import build_model, build_optimizer, build_scheduler, current_lr
 from .runlog import create_run_dir, make_logger, problems_path, write_config
@@ -79,8 +81,17 @@ class Trainer:
                                    compile=cfg.train.compile)
         # Different dropout / drop-path draws per rank, after the shared initialisation.
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.train_loader = self._loader(cfg.data.train_split, train=True)
+        counts = self.manifest.split(cfg.data.train_split).class_counts
+        self.criterion = build_criterion(cfg.loss, class_counts=counts, mixing=cfg.augment.mixing,
+                                         num_classes=self.manifest.num_classes,
+                                         device=self.dist.device)
+        self.eval_criterion = nn.CrossEntropyLoss()  # val/test loss: the plain NLL of the labels
+        self.mixup = build_mixup(cfg.augment, cfg.loss, num_classes=self.manifest.num_classes,
+                                 batch_size=cfg.train.batch_size)
+        zero = (cfg.engine.deepspeed.get("zero_optimization", {}).get("stage", 0)
+                if self.engine.name == "deepspeed" else 0)
+        self.ema = build_ema(cfg.ema, self.engine.unwrapped, dist, zero_stage=int(zero))
         self.updates_per_epoch = len(self.train_loader) // cfg.train.grad_accum
         if self.updates_per_epoch == 0:
             raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} micro-batches exceed the "
@@ -126,7 +137,8 @@ class Trainer:
         try:
             return build_loader(self.cfg.data, self.dist, split=split, train=train,
                                 batch_size=batch, seed=self.cfg.seed, manifest=self.manifest,
-                                problems_path=problems_path(self.run_dir))
+                                problems_path=problems_path(self.run_dir),
+                                augment=self.cfg.augment if train else None)
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
 
@@ -158,6 +170,7 @@ class Trainer:
                 data_s += time.perf_counter() - t_last
                 images = self.engine.to_device(images)
                 targets = targets.to(self.dist.device, non_blocking=True)
+                images, targets = self.mixup(images, targets, p.epoch)
                 with self.engine.autocast():
                     loss = self.criterion(self.engine.model(images), targets)
                 self.engine.backward(loss)
@@ -167,6 +180,7 @@ class Trainer:
                 if out is None:  # inside an accumulation window
                     continue
                 p.step += 1
+                self.ema.update(self.engine.unwrapped, p.step)
                 self.scheduler.step_update(p.step)
                 # .item() syncs with the device once per update; the grad norm already did.
                 self._log_step(loss_sum.item() / cfg.train.grad_accum, out, data_s,
@@ -206,6 +220,8 @@ class Trainer:
         if (cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split)
                 and not p.diverged):
             result["test"] = self.run_eval(cfg.data.test_split)
+            if self.ema.module is not None and (cfg.ema.eval or cfg.early_stop.use_ema):
+                result["test_ema"] = self.run_eval(cfg.data.test_split, ema=True)
         log.event("end", step=p.step, reason=p.stop_reason or "epochs")
         return result
 
@@ -250,14 +266,20 @@ class Trainer:
     def _has(self, split: str) -> bool:
         return split in self.manifest.splits and self.manifest.splits[split].num_samples > 0
 
-    def run_eval(self, split: str) -> dict:
-        """Evaluate the current weights on ``split`` (every sample exactly once over all ranks)."""
+    def run_eval(self, split: str, ema: bool = False) -> dict:
+        """Evaluate the current weights (or their EMA, logged as ``<split>_ema``) on ``split``
+        (every sample exactly once over all ranks)."""
         loader = self._loader(split, train=False)
-        metrics = evaluate(self.engine.unwrapped, self.watchdog.watch(loader), self.criterion,
+        if ema:
+            self.ema.sync()
+        metrics = evaluate(self.ema.module if ema else self.engine.unwrapped,
+                           self.watchdog.watch(loader), self.eval_criterion,
                            num_classes=self.manifest.num_classes, class_names=self.classes,
                            device=self.dist.device, dist=self.dist,
-                           autocast=self.engine_autocast)
-        self.log.log_eval({"split": split, "step": self.progress.step,
+                           autocast=self.engine_autocast,
+                           # the EMA copy is a plain module: its forward is never collective
+                           equal_forwards=self.engine.collective_forward and not ema)
+        self.log.log_eval({"split": f"{split}_ema" if ema else split, "step": self.progress.step,
                            "epoch": self.progress.epoch, **metrics})
         return metrics
 
@@ -272,6 +294,9 @@ class Trainer:
         if not split or not self._has(split):
             return {}
         metrics = self.run_eval(split)
+        if self.ema.module is not None and (self.cfg.ema.eval or self.cfg.early_stop.use_ema):
+            ema_metrics = self.run_eval(split, ema=True)
+            metrics = ema_metrics if self.cfg.early_stop.use_ema else metrics
         self.last_eval_step = self.progress.step
         if self.stopper.update(metrics) and self.cfg.checkpoint.save_best:
             self.save(best=True)
@@ -290,8 +315,9 @@ class Trainer:
         """
         # Each rank's RNG differs (dropout seeds), so all of them go into rank 0's copy.
         rngs = all_gather_objects(self.dist, ckpt.rng_state())
+        self.ema.sync()
         return {"scheduler": self.scheduler.state_dict(),
-                "ema": None, "loader": self.train_loader.state_dict(), "rng": rngs,
+                "ema": self.ema.state_dict(), "loader": self.train_loader.state_dict(), "rng": rngs,
                 "early_stop": self.stopper.state_dict(), "step": self.progress.step,
                 "nonfinite": self.nonfinite.state_dict(),
                 "epoch": self.progress.epoch, "config_hash": self.config_hash}
@@ -300,7 +326,9 @@ class Trainer:
         """The JSON sidecar: enough to know what a checkpoint is without loading it."""
         return {"model_name": self.cfg.model.name, "num_classes": self.manifest.num_classes,
                 "classes": self.classes, "image_size": self.cfg.data.image_size,
-                "config_hash": self.config_hash, "engine": self.engine.name}
+                "config_hash": self.config_hash, "engine": self.engine.name,
+                # which weights best.pt was selected on: "model" or "ema" (state["ema"])
+                "selected_weights": "ema" if self.cfg.early_stop.use_ema else "model"}
 
     def save(self, periodic: bool = False, best: bool = False) -> None:
         """Write last (and a step checkpoint when periodic), or best; all ranks call.
@@ -331,6 +359,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
         self.stopper.load_state_dict(state["early_stop"])
+        if self.ema.module is not None:
+            self.ema.load_state_dict(state.get("ema"))
         if state.get("nonfinite"):  # absent in checkpoints written before the guard existed
             self.nonfinite.load_state_dict(state["nonfinite"])
         self.progress = Progress(step=int(state["step"]), epoch=self.train_loader.epoch)

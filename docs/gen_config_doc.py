@@ -43,7 +43,8 @@ def type_name(hint: typing.Any) -> str:
     """A short, user-facing name for a field's annotation."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return f"{type_name(args[0])} or null"
+        names = " or ".join(type_name(a) for a in args)
+        return names + (" or null" if type(None) in typing.get_args(hint) else "")
     origin = typing.get_origin(hint) or hint
     return {bool: "bool", int: "int", float: "float", str: "str", list: "list",
             dict: "mapping"}.get(origin, getattr(origin, "__name__", str(origin)))

@@ -71,6 +71,43 @@ def test_killed_save_keeps_old_file_and_temp_is_cleaned(tmp_path):
     assert sorted(os.listdir(m.directory)) == ["last.pt", "last.pt.json"]
 
 
+def _folder_ckpt(path: str, step: int) -> None:
+    os.makedirs(path)
+    for part in ("rank0.pt", "rank1.pt"):  # same sizes every step, like real partitions
+        with open(os.path.join(path, part), "w") as f:
+            f.write(f"weights of step {step:04d}")
+
+
+@pytest.mark.parametrize("kill_at", range(5))
+def test_folder_swap_killed_at_any_point_leaves_a_described_checkpoint(tmp_path, kill_at):
+    """A DeepSpeed-style folder checkpoint: kill the swap at each rename; recovery keeps one."""
+    ck = tmp_path / "ck"
+    last = str(ck / "last")
+    _folder_ckpt(last, 1)
+    ckpt.write_sidecar(last, {"step": 1}, keys=[])
+    _folder_ckpt(str(ck / ".last.tmp"), 2)
+    child = textwrap.dedent(f"""
+        import os
+        from ddp_train import checkpoint as ckpt
+        real, calls = os.replace, [0]
+        def replace(a, b):
+            if calls[0] == {kill_at}:
+                os._exit(9)  # a real kill: nothing after this rename runs
+            calls[0] += 1
+            real(a, b)
+        os.replace = replace
+        ckpt.replace_folder({str(ck / ".last.tmp")!r}, {last!r}, {{"step": 2}}, keys=[])
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == (9 if kill_at < 4 else 0)  # 4 renames: (1)-(3) + the sidecar's
+    m = CheckpointManager(CheckpointConfig(), str(ck), MAIN, suffix="")  # recovers, cleans
+    step = ckpt.read_meta(last)["step"]
+    assert step == (1 if kill_at < 4 else 2)
+    assert open(os.path.join(last, "rank0.pt")).read() == f"weights of step {step:04d}"
+    assert ckpt.loadable(last) and m.resume_path("auto") == last
+    assert sorted(os.listdir(ck)) == ["last", "last.json"]
+
+
 def test_sidecar_describes_checkpoint(tmp_path):
     m = manager(tmp_path, dist=DistInfo(world_size=1))
     state = {**tiny_state(7), "config_hash": "abc123def456"}

@@ -38,7 +38,7 @@ def test_zero_stages_train_like_ddp(tmp_path):
     r = read_json(str(result))
     ddp = r["ddp"]
     assert r["world_size"] == 2 and ddp["losses"][-1] < 0.8 * ddp["losses"][0]
-    for stage in ("zero0", "zero2", "zero3"):
+    for stage in ("zero0", "zero2", "zero3", "zero2_offload"):
         ds = r[stage]
         assert ds["engine"] == "deepspeed" and ds["lrs"] == ddp["lrs"]  # timm schedule applied
         assert ds["losses"] == pytest.approx(ddp["losses"], rel=1e-4), stage
@@ -130,3 +130,12 @@ def test_checkpoint_resume_and_export(digits, tmp_path):
     fresh = timm.create_model("test_resnet", num_classes=10).state_dict()
     assert all(a[k].dtype == fresh[k].dtype and torch.equal(a[k], b[k]) for k in fresh)
     assert not torch.equal(a["fc.weight"], fresh["fc.weight"])  # trained weights, not init
+
+
+def test_zero3_eval_with_uneven_rank_batches_finishes_exactly(digits, tmp_path):
+    """ZeRO-3's forward is collective: ranks with fewer eval batches run padding forwards."""
+    out = str(tmp_path / "z3.json")
+    run_torchrun(os.path.join(ROOT, "tests", "dist_scripts", "zero3_eval.py"), digits, out,
+                 timeout=300)
+    assert read_json(out) == {"count": 359, "batches": [1, 2],
+                              "collective_forward": True}

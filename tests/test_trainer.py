@@ -55,8 +55,13 @@ def test_golden_loss(digits, tmp_path):
                                             if not line.startswith("#"))}
     assert golden.keys() == losses.keys()
     for step, value in golden.items():
-        # Tolerance covers CPU instruction-set differences, not behaviour changes.
-        assert losses[step] == pytest.approx(value, abs=2e-3), f"step {step}"
+        # Tolerance covers CPU instruction-set differences, not behaviour changes. Kernels differ
+        # in the last bits between CPUs (AVX2 Intel vs AVX-512 AMD measured: 1e-6 at step 5), and
+        # SGD amplifies that ~5x per step after step 10 (1% by step 19). The early steps carry the
+        # test: any change of data order, init, augmentation, loss or optimizer moves them by
+        # 1e-2 or more.
+        tol = dict(abs=1e-3) if step <= 10 else dict(rel=0.03)
+        assert losses[step] == pytest.approx(value, **tol), f"step {step}"
     assert losses[20] < losses[1]
 
 
@@ -191,7 +196,7 @@ def test_early_stop_on_target(digits, tmp_path):
 
 def test_grad_accum_bf16_label_smoothing(digits, tmp_path):
     result = train(_quick(digits, tmp_path / "run", "train.grad_accum=2", "engine.precision=bf16",
-                          "train.label_smoothing=0.1", "train.max_steps=3",
+                          "loss.label_smoothing=0.1", "train.max_steps=3",
                           "eval.every_epoch=false", "schedule.name=step"), DistInfo())
     steps = _steps(result["run_dir"])
     assert sorted(steps) == [1, 2, 3] and all(r["loss"] > 0 for r in steps.values())

@@ -17,6 +17,10 @@ import yaml
 from .sections import Config, ConfigError, check
 
 
+# Keys that moved to another section: old dotted name -> new one (named in the error).
+MOVED = {"train.label_smoothing": "loss.label_smoothing"}
+
+
 def _close(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
@@ -27,7 +31,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        if value is None:
+            return None
+        for arm in args[:-1]:  # Union[str, list[float]]: the first arm the value fits
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
     if hint is bool:
         check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
     elif hint is int:
@@ -64,6 +75,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
+            if full in MOVED:
+                raise ConfigError(f"{full}: moved to {MOVED[full]}")
             raise ConfigError(f"{full}: unknown key{_close(str(key), names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

@@ -72,6 +72,8 @@ class DataConfig:
     color_jitter: float = doc(0.0, "train colour jitter strength (0 = off)")
     pin_memory: bool = doc(True, "pin host memory for faster GPU copies (ignored on CPU)")
     prefetch_factor: int = doc(2, "batches each worker prepares ahead")
+    class_balance: float = doc(0.0, "train: resample each shuffle block with class weights "
+                               "count^-x from the manifest (0 = off, 1 = balanced, 0.5 = sqrt)")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "data.shards", "must name a packed dataset folder")
@@ -89,6 +91,7 @@ class DataConfig:
         check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
         check(self.color_jitter >= 0, "data.color_jitter", "must be >= 0")
         check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        check(0 <= self.class_balance <= 1, "data.class_balance", "must be in [0, 1]")
 
 
 @dataclass
@@ -100,7 +103,6 @@ class TrainConfig:
     max_steps: int = doc(0, "stop after this many optimizer steps (0 = epochs decide)")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     clip_grad: float = doc(0.0, "clip the global gradient norm to this value (0 = off)")
-    label_smoothing: float = doc(0.0, "cross-entropy label smoothing")
     max_nonfinite_steps: int = doc(20, "stop after N consecutive steps with a non-finite gradient, "
                                    "each skipped (0 = never stop)")
     channels_last: bool = doc(False, "use channels_last memory format (faster convs on GPU)")
@@ -112,7 +114,6 @@ class TrainConfig:
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         check(self.clip_grad >= 0, "train.clip_grad", "must be >= 0")
-        check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         check(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
 
 
@@ -248,6 +249,8 @@ class EarlyStopConfig:
     patience: int = doc(0, "stop after N evals without improvement (0 = never)")
     target: Optional[float] = doc(None, "stop once the metric reaches this value (null = never)")
     min_delta: float = doc(0.0, "smallest change that counts as an improvement")
+    use_ema: bool = doc(False, "select best.pt and stop early on the EMA weights' val metrics "
+                        "(needs ema.decay > 0)")
 
     def __post_init__(self) -> None:
         one_of(self.metric, "early_stop.metric", ("acc", "macro_f1", "loss"))
@@ -267,6 +270,10 @@ class WatchdogConfig:
               f"{self.timeout} s is too short (0 = off, else >= 10)")
 
 
+# Imported here, not at the top: recipes.py takes doc/check/one_of from this module.
+from .recipes import AugmentConfig, EmaConfig, LossConfig, check_recipe_keys  # noqa: E402
+
+
 @dataclass
 class Config:
     """The whole run. Each component receives only its own section."""
@@ -284,11 +291,15 @@ class Config:
     log: LogConfig = doc(None, "logging")
     early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
     watchdog: WatchdogConfig = doc(None, "hang detection")
+    loss: LossConfig = doc(None, "training loss: class weights, focal, label smoothing")
+    augment: AugmentConfig = doc(None, "timm augmentation: auto-augment, random erasing, mixup")
+    ema: EmaConfig = doc(None, "moving average of the weights")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
                 setattr(self, f.name, _hint(Config, f.name)())
+        check_recipe_keys(self)
 
 
 def _hint(cls: type, name: str) -> Any:

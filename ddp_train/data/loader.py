@@ -1,13 +1,13 @@
 """Build the train or eval loader for one rank: exact epochs, exact eval, resumable mid-epoch."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from ..config import DataConfig
+from ..config import AugmentConfig, DataConfig
 from ..dist import DistInfo
 from ..guard import ignore_stop_signals
 from ..shards.manifest import Manifest, load_manifest
@@ -88,21 +88,31 @@ class ShardLoader:
             self.set_epoch(int(state["epoch"]) + (1 if state["batches"] else 0))
 
 
-def build_transform(cfg: DataConfig, train: bool):
-    """timm's standard train/eval transform at ``cfg.image_size`` (eval is deterministic)."""
+def build_transform(cfg: DataConfig, train: bool, augment: Optional[AugmentConfig] = None):
+    """timm's standard train/eval transform at ``cfg.image_size`` (eval is deterministic).
+
+    ``augment`` adds timm's auto-augment policy and random erasing to the train transform.
+    """
     if train:
-        return create_transform(cfg.image_size, is_training=True, scale=tuple(cfg.scale),
-                                ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-                                color_jitter=cfg.color_jitter or None,
-                                interpolation=cfg.interpolation, mean=tuple(cfg.mean),
-                                std=tuple(cfg.std))
+        aug = augment or AugmentConfig()
+        try:
+            return create_transform(cfg.image_size, is_training=True, scale=tuple(cfg.scale),
+                                    ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+                                    color_jitter=cfg.color_jitter or None,
+                                    interpolation=cfg.interpolation, mean=tuple(cfg.mean),
+                                    std=tuple(cfg.std), auto_augment=aug.auto_augment or None,
+                                    re_prob=aug.re_prob, re_mode=aug.re_mode,
+                                    re_count=aug.re_count)
+        except (AssertionError, KeyError, ValueError, IndexError) as e:
+            raise ValueError(f"augment.auto_augment: timm rejects {aug.auto_augment!r} "
+                             f"({e!r})") from None
     return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
                             mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.crop_pct)
 
 
 def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, batch_size: int,
-                 seed: int, problems_path: str = "", manifest: Manifest | None = None
-                 ) -> ShardLoader:
+                 seed: int, problems_path: str = "", manifest: Manifest | None = None,
+                 augment: Optional[AugmentConfig] = None) -> ShardLoader:
     """The loader of ``split`` for this rank.
 
     Pipeline per worker: shard list from ``_info.json`` -> rank range -> worker range -> tar ->
@@ -112,11 +122,18 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
     manifest = manifest or load_manifest(cfg.shards)
     info = manifest.split(split)
     roles = max(1, cfg.num_workers)
+    class_weights = None
+    if train and cfg.class_balance:
+        if len(info.class_counts) != manifest.num_classes:
+            raise ValueError("class_balance needs per-class counts (class_counts) in the "
+                             f"manifest of {cfg.shards}; repack it with ddp-shards pack")
+        class_weights = plan.class_sampling_weights(info.class_counts, cfg.class_balance)
     stream = ShardStream(manifest.urls(split), list(info.shard_lengths), train=train,
                          batch_size=batch_size, seed=seed, rank=dist.rank,
                          world_size=dist.world_size, roles=roles,
-                         shuffle_buffer=cfg.shuffle_buffer, transform=build_transform(cfg, train),
-                         problems=ProblemLog(problems_path, split))
+                         shuffle_buffer=cfg.shuffle_buffer,
+                         transform=build_transform(cfg, train, augment),
+                         problems=ProblemLog(problems_path, split), class_weights=class_weights)
     loader = ShardLoader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                          prefetch_factor=cfg.prefetch_factor, manifest=manifest, split=split)
     if train:

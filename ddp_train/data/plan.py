@@ -113,3 +113,14 @@ def eval_batches(num_samples: int, world_size: int, rank: int, roles: int,
         r = eval_role_range(num_samples, world_size, rank, roles, role)
         total += -(-(r.end - r.begin) // batch_size)
     return total
+
+
+def class_sampling_weights(class_counts: list[int], power: float) -> list[float]:
+    """Per-class sampling weights ``count^-power`` (``data.class_balance``), mean 1 over samples.
+
+    ``power`` 1 makes every class equally likely, 0.5 is square-root balancing. Classes without
+    train samples get weight 0. Used by :func:`ddp_train.data.stream.resample_block`.
+    """
+    raw = [c ** -power if c > 0 else 0.0 for c in class_counts]
+    mean = sum(w * c for w, c in zip(raw, class_counts)) / max(1, sum(class_counts))
+    return [w / mean for w in raw] if mean else raw

@@ -76,14 +76,40 @@ def read_positions(urls: list[str], lengths: list[int], order: list[int], begin:
             pos += 1
 
 
+def resample_block(chunk: list[tuple[int, Optional[dict]]], class_weights: list[float],
+                   rng: random.Random) -> list[tuple[int, Optional[dict]]]:
+    """Draw ``len(chunk)`` samples from ``chunk`` with replacement, each with probability
+    proportional to its class's weight; output slot ``k`` takes position ``chunk[0][0] + k``.
+
+    The block keeps its size, so every count the plan computed (batches per rank and role, the
+    resume point) stays exact; only which samples fill the slots changes. The slot position (not
+    the source's) seeds augmentation, so a sample drawn twice is augmented twice differently.
+    Labels are read from the raw ``cls`` bytes: nothing is decoded.
+    """
+    weights = []
+    for _, raw in chunk:
+        try:
+            label = int(raw["cls"]) if raw is not None else -1
+        except (KeyError, ValueError):
+            label = -1  # undecodable label: never drawn (the decode stage would log it)
+        weights.append(class_weights[label] if 0 <= label < len(class_weights) else 0.0)
+    if not any(weights):
+        rng.shuffle(chunk)
+        return chunk
+    picks = rng.choices(range(len(chunk)), weights=weights, k=len(chunk))
+    return [(chunk[0][0] + k, chunk[i][1]) for k, i in enumerate(picks)]
+
+
 def block_shuffle(items: Iterator[tuple[int, Optional[dict]]], block: int, seed: int, epoch: int,
-                  drop: int, shuffle: bool) -> Iterator[tuple[int, Optional[dict]]]:
+                  drop: int, shuffle: bool, class_weights: Optional[list[float]] = None
+                  ) -> Iterator[tuple[int, Optional[dict]]]:
     """Shuffle raw samples in consecutive blocks of ``block``, then drop the first ``drop``.
 
     Why not webdataset's buffer shuffle: its output at any point depends on everything read
     before, so a resumed run would have to re-read the whole epoch. A block's permutation depends
     only on its first position, so a resume starts at the block that holds the resume point.
-    Samples are still raw bytes here: skipped ones are never decoded.
+    Samples are still raw bytes here: skipped ones are never decoded. With ``class_weights`` each
+    block is resampled by class instead of permuted (:func:`resample_block`).
     """
     if not shuffle:
         yield from islice(items, drop, None)
@@ -92,7 +118,11 @@ def block_shuffle(items: Iterator[tuple[int, Optional[dict]]], block: int, seed:
         chunk = list(islice(items, block))
         if not chunk:
             return
-        random.Random(f"block-{seed}-{epoch}-{chunk[0][0]}").shuffle(chunk)
+        rng = random.Random(f"block-{seed}-{epoch}-{chunk[0][0]}")
+        if class_weights:
+            chunk = resample_block(chunk, class_weights, rng)
+        else:
+            rng.shuffle(chunk)
         if drop:
             chunk, drop = chunk[drop:], max(0, drop - len(chunk))
         yield from chunk
@@ -186,8 +216,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], lengths: list[int], *, train: bool, batch_size: int,
                  seed: int, rank: int, world_size: int, roles: int, shuffle_buffer: int,
-                 transform: Callable, problems: ProblemLog) -> None:
+                 transform: Callable, problems: ProblemLog,
+                 class_weights: Optional[list[float]] = None) -> None:
         super().__init__()
+        self.class_weights = class_weights  # train: per-class sampling weights (None = off)
         self.urls, self.lengths = urls, lengths
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.rank, self.world_size, self.roles = rank, world_size, roles
@@ -217,7 +249,7 @@ class ShardStream(IterableDataset):
         stream = read_positions(self.urls, self.lengths, order, first, r.end, self.problems)
         # same, shuffled within blocks; the already-consumed head is dropped
         stream = block_shuffle(stream, block, self.seed, self.epoch, r.skip - (first - r.begin),
-                               shuffle=self.train)
+                               shuffle=self.train, class_weights=self.class_weights)
         # (image tensor CHW, label), exactly one per position in training
         stream = decode_and_transform(stream, self.transform, self.seed, self.epoch, self.train,
                                       self.problems)

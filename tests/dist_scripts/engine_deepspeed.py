@@ -28,6 +28,9 @@ VARIANTS = {  # name -> (engine.name, precision, engine.deepspeed)
     "zero2": ("deepspeed", "fp32", {"zero_optimization": {"stage": 2}}),
     "zero3": ("deepspeed", "fp32", {"zero_optimization": {"stage": 3}}),
     "zero2_bf16": ("deepspeed", "bf16", {"zero_optimization": {"stage": 2}}),
+    # ZeRO-Offload: optimizer states on the CPU, stepped by the client (timm) optimizer.
+    "zero2_offload": ("deepspeed", "fp32", {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}),
 }
 
 
