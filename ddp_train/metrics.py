@@ -74,6 +74,13 @@ class ConfusionMatrix:
         }
 
 
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch tensor, or a dict of them (multimodal inputs), moved to ``device``."""
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
 def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, num_classes: int,
              class_names: Optional[Sequence[str]], device: torch.device, dist: DistInfo,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
@@ -93,7 +100,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, 
             # No collectives in this loop: ranks may hold different numbers of batches, or none,
             # and a per-batch all-reduce would then hang. Everything is summed once afterwards.
             for images, targets in batches:
-                images = images.to(device, non_blocking=True)
+                images = to_device(images, device)
                 targets = targets.to(device, non_blocking=True)
                 with autocast():
                     logits = model(images)

@@ -7,9 +7,10 @@ from .load import (annotated_yaml, describe, dump_yaml, from_dict, load_config, 
 from .sections import (CheckpointConfig, Config, ConfigError, DataConfig, EarlyStopConfig,
                        EngineConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RunConfig,
                        ScheduleConfig, TrainConfig, WatchdogConfig, doc)
+from .infer import CalibrationConfig, MultimodalConfig, TTAConfig
 
 __all__ = ["annotated_yaml", "describe", "dump_yaml", "from_dict", "load_config",
            "parse_override", "to_dict", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EarlyStopConfig", "EngineConfig", "EvalConfig", "LogConfig",
            "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
-           "WatchdogConfig", "doc"]
+           "WatchdogConfig", "doc", "CalibrationConfig", "MultimodalConfig", "TTAConfig"]

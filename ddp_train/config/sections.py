@@ -72,6 +72,8 @@ class DataConfig:
     color_jitter: float = doc(0.0, "train colour jitter strength (0 = off)")
     pin_memory: bool = doc(True, "pin host memory for faster GPU copies (ignored on CPU)")
     prefetch_factor: int = doc(2, "batches each worker prepares ahead")
+    extras: list[str] = doc([], "extra per-sample members to load with the image (packed from "
+                            "CSV columns, e.g. [sensor, env]); batches become dicts")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "data.shards", "must name a packed dataset folder")
@@ -89,6 +91,7 @@ class DataConfig:
         check(0 <= self.hflip <= 1, "data.hflip", "must be a probability in [0, 1]")
         check(self.color_jitter >= 0, "data.color_jitter", "must be >= 0")
         check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        check("image" not in self.extras, "data.extras", "'image' is always loaded")
 
 
 @dataclass
@@ -267,6 +270,10 @@ class WatchdogConfig:
               f"{self.timeout} s is too short (0 = off, else >= 10)")
 
 
+# Below the helpers above, which infer.py imports (sections live in their own module).
+from .infer import CalibrationConfig, MultimodalConfig, TTAConfig  # noqa: E402
+
+
 @dataclass
 class Config:
     """The whole run. Each component receives only its own section."""
@@ -284,6 +291,9 @@ class Config:
     log: LogConfig = doc(None, "logging")
     early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
     watchdog: WatchdogConfig = doc(None, "hang detection")
+    tta: TTAConfig = doc(None, "test-time augmentation")
+    calibration: CalibrationConfig = doc(None, "temperature scaling")
+    multimodal: MultimodalConfig = doc(None, "image + sensor + env FiLM fusion model")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
