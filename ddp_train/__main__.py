@@ -3,7 +3,8 @@
 Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``accelerate launch``
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use). ``export-weights RUN`` writes a timm-loadable weights file
-(see :mod:`ddp_train.export`).
+(see :mod:`ddp_train.export`); ``eval CHECKPOINT --shards DIR`` and ``predict CHECKPOINT
+IMAGES...`` run a checkpoint on one GPU or the CPU (see :mod:`ddp_train.infer`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from .export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] in (["eval"], ["predict"]):
+        from .infer import main as infer_main
+
+        return infer_main(argv[0], argv[1:])
     args = parse_args(argv)
     # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
     resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []
