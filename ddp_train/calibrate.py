@@ -37,8 +37,14 @@ def ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
     return float(gap.abs().sum() / count.sum().clamp(min=1))
 
 
+T_MIN, T_MAX = 0.05, 20.0  # a perfectly separated (or tiny) split would drive T towards 0
+
+
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
-    """The T > 0 minimising the NLL of ``logits / T`` (LBFGS on log T, so T stays positive)."""
+    """The T > 0 minimising the NLL of ``logits / T`` (LBFGS on log T, so T stays positive),
+    clipped to [T_MIN, T_MAX]; 1.0 when there is nothing to fit."""
+    if targets.numel() == 0:
+        return 1.0
     logits, targets = logits.detach().double().clone(), targets.detach().long().clone()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -51,7 +57,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and t > 0 else 1.0
+    return min(max(t, T_MIN), T_MAX) if math.isfinite(t) else 1.0
 
 
 def report(logits: torch.Tensor, targets: torch.Tensor, temperature: float,

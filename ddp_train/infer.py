@@ -229,9 +229,6 @@ def _image_samples(loaded: Loaded, files: list[str]) -> Iterator[tuple[dict, Any
 
     from .data import build_transform
 
-    if loaded.inputs:
-        raise InferenceError(f"this model also takes {', '.join(loaded.inputs)} inputs: predict "
-                             f"from --shards holding them")
     transform = build_transform(loaded.cfg.data, train=False)
     for path in files:
         try:
@@ -283,6 +280,9 @@ def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str 
     from .metrics import to_device
 
     loaded = load_checkpoint(checkpoint, device)
+    if loaded.inputs and not shards:
+        raise InferenceError(f"this model also takes {', '.join(loaded.inputs)} inputs: predict "
+                             f"from --shards holding them")
     samples = (_shard_samples(loaded, shards, split) if shards
                else _image_samples(loaded, image_files(images)))
     model = inference_model(loaded, loaded.cfg.tta if tta else None, loaded.temperature)
