@@ -37,7 +37,7 @@ def ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
     return float(gap.abs().sum() / count.sum().clamp(min=1))
 
 
-T_MIN, T_MAX = 0.05, 20.0  # a perfectly separated (or tiny) split would drive T towards 0
+T_MIN, T_MAX = 0.05, 100.0  # a perfectly separated (or tiny) split would drive T towards 0
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
