@@ -155,6 +155,8 @@ def _logits(loaded: Loaded, model: nn.Module, manifest, split: str, batch_size: 
                               seed=loaded.cfg.seed, manifest=manifest)
     except ValueError as e:
         raise InferenceError(str(e)) from None
+    if not loader.num_samples:
+        raise InferenceError(f"split {split!r} of {manifest.root} holds no samples")
     recorder = calibrate.LogitRecorder(nn.CrossEntropyLoss())
     metrics = evaluate(model, loader, recorder, num_classes=len(loaded.classes),
                        class_names=loaded.classes, device=loaded.device, dist=dist)
