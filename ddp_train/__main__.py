@@ -4,7 +4,8 @@ Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``a
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use). ``export-weights RUN`` writes a timm-loadable weights file
 (see :mod:`ddp_train.export`); ``submit`` renders and submits a Slurm job (see
-:mod:`ddp_train.submit`).
+:mod:`ddp_train.submit`); ``eval CHECKPOINT --shards DIR`` and ``predict CHECKPOINT
+IMAGES...`` run a checkpoint on one GPU or the CPU (see :mod:`ddp_train.infer`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .submit import main as submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] in (["eval"], ["predict"]):
+        from .infer import main as infer_main
+
+        return infer_main(argv[0], argv[1:])
     args = parse_args(argv)
     # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
     resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []

@@ -101,8 +101,12 @@ class Engine:
         """True when the current micro-batch is the last of its accumulation window."""
         return (self.micro_step + 1) % self.grad_accum == 0
 
-    def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Move a batch tensor to the engine's device; 4-d image batches go channels_last if set."""
+    def to_device(self, x: Any) -> Any:
+        """Move a batch tensor to the engine's device; 4-d image batches go channels_last if set.
+
+        A dict (multimodal inputs ``{"image", "sensor", "env"}``) has each entry moved."""
+        if isinstance(x, dict):
+            return {k: self.to_device(v) for k, v in x.items()}
         # non_blocking overlaps the host-to-GPU copy with compute when the loader pins memory.
         if self.channels_last and x.dim() == 4:
             return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)

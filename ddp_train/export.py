@@ -39,7 +39,7 @@ def export_weights(run: str, out: str = "") -> str:
     out = out or os.path.splitext(path.rstrip("/"))[0] + ".weights.pt"
     meta = {k: v for k, v in (ckpt.read_meta(path) or {}).items()
             if k in ("model_name", "num_classes", "classes", "image_size", "step", "epoch",
-                     "config_hash", "engine")}
+                     "config_hash", "engine", "temperature", "inputs", "config")}
     ckpt.save_atomic(out, {"model": weights}, {**meta, "exported_from": os.path.abspath(path)})
     return out
 

@@ -74,6 +74,13 @@ class ConfusionMatrix:
         }
 
 
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch tensor, or a dict of them (multimodal inputs), moved to ``device``."""
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
 def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, num_classes: int,
              class_names: Optional[Sequence[str]], device: torch.device, dist: DistInfo,
              autocast: Callable[[], Any] = contextlib.nullcontext,
@@ -100,7 +107,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, criterion: Callable, *, 
             # point): ranks may hold different numbers of batches, or none, and a per-batch
             # all-reduce would then hang. Everything is summed once afterwards.
             for images, targets in batches:
-                images = images.to(device, non_blocking=True)
+                images = to_device(images, device)
                 with autocast():
                     logits = model(images)
                 if targets is None:  # a padding forward: its output is not a sample
@@ -135,17 +142,28 @@ def _lockstep(batches: Iterable, dist: DistInfo) -> Iterator[tuple[torch.Tensor,
         batch = next(it, None)
         if batch is not None:
             last = batch[0]
-        spec = None if batch is None else (tuple(batch[0].shape), str(batch[0].dtype))
-        specs = all_gather_objects(dist, spec)
+        specs = all_gather_objects(dist, None if batch is None else _spec(batch[0]))
         if all(s is None for s in specs):
             return
         if batch is not None:
             yield batch
             continue
-        if last is None:  # this rank had no batch at all: zeros of another rank's batch shape
-            shape, dtype = next(s for s in specs if s is not None)
-            last = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        if last is None:  # this rank had no batch at all: zeros like another rank's batch
+            last = _zeros(next(s for s in specs if s is not None))
         yield last, None
+
+
+def _spec(x: Any) -> Any:
+    """Shape and dtype of a batch tensor, or of each tensor of a dict batch (multimodal)."""
+    if isinstance(x, dict):
+        return {k: _spec(v) for k, v in x.items()}
+    return tuple(x.shape), str(x.dtype).split(".")[-1]
+
+
+def _zeros(spec: Any) -> Any:
+    if isinstance(spec, dict):
+        return {k: _zeros(v) for k, v in spec.items()}
+    return torch.zeros(spec[0], dtype=getattr(torch, spec[1]))
 
 
 class EarlyStopping:

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import calibrate
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data import build_loader
-from .dist import DistInfo, all_gather_objects
+from .data.loader import extra_specs
+from .dist import DistInfo, all_gather_objects, broadcast_object
 from .ema import build_ema
 from .engine import build_engine
 from .guard import NonFiniteGuard, StopSignals, Watchdog, agree
@@ -33,6 +35,7 @@ from .metrics import EarlyStopping, evaluate
 from .recipe import build_model, build_optimizer, build_scheduler, current_lr
 from .runlog import create_run_dir, make_logger, problems_path, write_config
 from .shards.manifest import load_manifest
+from .tta import TTAModel
 
 
 @dataclass
@@ -72,8 +75,13 @@ class Trainer:
         except (OSError, ValueError) as e:
             raise ConfigError(f"data.shards: {e}") from None
         self.classes = self.manifest.classes
+        try:  # specs of the extra members (multimodal inputs) the loaders will yield
+            self.inputs = extra_specs(self.manifest, cfg.data.extras)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.temperature: float | None = None  # set by calibrate() at the end of training
         seed_everything(cfg.seed)
-        model = build_model(cfg.model, self.manifest.num_classes)
+        model = build_model(cfg.model, self.manifest.num_classes, cfg.multimodal, self.inputs)
         self.engine = build_engine(cfg.engine, model, build_optimizer(cfg.optim, model), dist,
                                    batch_size=cfg.train.batch_size,
                                    grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad,
@@ -217,11 +225,13 @@ class Trainer:
         if p.signal:  # the checkpoint is written; leave the test split to the resumed run
             log.event("preempted", step=p.step, signal=self.signals.name or p.signal)
             return result
+        if cfg.calibration.enabled and not p.diverged:
+            result["calibration"] = self.calibrate()
         if (cfg.eval.test_at_end and cfg.data.test_split and self._has(cfg.data.test_split)
                 and not p.diverged):
-            result["test"] = self.run_eval(cfg.data.test_split)
+            result["test"] = self.run_eval(cfg.data.test_split, final=True)
             if self.ema.module is not None and (cfg.ema.eval or cfg.early_stop.use_ema):
-                result["test_ema"] = self.run_eval(cfg.data.test_split, ema=True)
+                result["test_ema"] = self.run_eval(cfg.data.test_split, ema=True, final=True)
         log.event("end", step=p.step, reason=p.stop_reason or "epochs")
         return result
 
@@ -266,22 +276,59 @@ class Trainer:
     def _has(self, split: str) -> bool:
         return split in self.manifest.splits and self.manifest.splits[split].num_samples > 0
 
-    def run_eval(self, split: str, ema: bool = False) -> dict:
-        """Evaluate the current weights (or their EMA, logged as ``<split>_ema``) on ``split``
-        (every sample exactly once over all ranks)."""
+    def _evaluate(self, split: str, model=None, criterion=None, collective: bool = True) -> dict:
+        """Metrics of ``model`` (default: the bare model) on ``split``, each sample once.
+
+        ``collective``: ``model`` wraps the engine's model, whose forward may be a collective
+        (ZeRO-3); False for the EMA copy, a plain module.
+        """
         loader = self._loader(split, train=False)
+        return evaluate(model or self.engine.unwrapped, self.watchdog.watch(loader),
+                        criterion or self.eval_criterion, num_classes=self.manifest.num_classes,
+                        class_names=self.classes, device=self.dist.device, dist=self.dist,
+                        autocast=self.engine_autocast,
+                        equal_forwards=self.engine.collective_forward and collective)
+
+    def run_eval(self, split: str, ema: bool = False, final: bool = False) -> dict:
+        """Evaluate the current weights (or their EMA, logged as ``<split>_ema``) on ``split``
+        (every sample exactly once over all ranks).
+
+        ``final`` (the end-of-training test eval) adds TTA when ``tta.at_test`` and divides the
+        model's logits by the fitted temperature (fitted on the model, so not for the EMA), as
+        ``ddp-train eval`` would.
+        """
         if ema:
             self.ema.sync()
-        metrics = evaluate(self.ema.module if ema else self.engine.unwrapped,
-                           self.watchdog.watch(loader), self.eval_criterion,
-                           num_classes=self.manifest.num_classes, class_names=self.classes,
-                           device=self.dist.device, dist=self.dist,
-                           autocast=self.engine_autocast,
-                           # the EMA copy is a plain module: its forward is never collective
-                           equal_forwards=self.engine.collective_forward and not ema)
+        model, extra = self.ema.module if ema else self.engine.unwrapped, {}
+        if final and self.cfg.tta.at_test:
+            model, extra["tta"] = TTAModel(model, self.cfg.tta), True
+        if final and self.temperature is not None and not ema:
+            model = calibrate.TemperatureScaled(model, self.temperature)
+            extra["temperature"] = self.temperature
+        metrics = self._evaluate(split, model, collective=not ema)
         self.log.log_eval({"split": f"{split}_ema" if ema else split, "step": self.progress.step,
-                           "epoch": self.progress.epoch, **metrics})
+                           "epoch": self.progress.epoch, **metrics, **extra})
         return metrics
+
+    def calibrate(self) -> dict:
+        """Fit the temperature on ``calibration.split`` (default val), log NLL/ECE before and
+        after, and re-save last so its checkpoint carries the temperature."""
+        split = self.cfg.calibration.split or self.cfg.data.val_split
+        if not split or not self._has(split):
+            self.log.info(f"calibration skipped: split {split!r} is empty or missing")
+            return {}
+        tta = self.cfg.tta.at_test  # fit on the logits the test eval will see
+        model = TTAModel(self.engine.unwrapped, self.cfg.tta) if tta else None
+        recorder = calibrate.LogitRecorder(self.eval_criterion)
+        self._evaluate(split, model, recorder)
+        logits, targets = recorder.gathered(self.dist)
+        # Every rank holds the same logits; rank 0's fit is used so all ranks agree bit-exactly.
+        report = broadcast_object(self.dist, calibrate.fit(logits, targets, self.cfg.calibration))
+        self.temperature = report["temperature"]
+        self.log.event("calibration", step=self.progress.step, split=split, tta=tta, **report)
+        self.log.info(f"calibration on {split}: {calibrate.describe(report)}")
+        self.save(periodic=False)
+        return report
 
     def engine_autocast(self):
         """Mixed precision for evaluation (no DDP no_sync: eval uses the bare model)."""
@@ -320,15 +367,20 @@ class Trainer:
                 "ema": self.ema.state_dict(), "loader": self.train_loader.state_dict(), "rng": rngs,
                 "early_stop": self.stopper.state_dict(), "step": self.progress.step,
                 "nonfinite": self.nonfinite.state_dict(),
-                "epoch": self.progress.epoch, "config_hash": self.config_hash}
+                "epoch": self.progress.epoch, "config_hash": self.config_hash,
+                "calibration": {"temperature": self.temperature}}
 
     def meta(self) -> dict:
         """The JSON sidecar: enough to know what a checkpoint is without loading it."""
+        # The resolved config and input specs let ``ddp-train eval/predict`` rebuild the model
+        # (and its eval transform) from the checkpoint alone.
         return {"model_name": self.cfg.model.name, "num_classes": self.manifest.num_classes,
                 "classes": self.classes, "image_size": self.cfg.data.image_size,
                 "config_hash": self.config_hash, "engine": self.engine.name,
                 # which weights best.pt was selected on: "model" or "ema" (state["ema"])
-                "selected_weights": "ema" if self.cfg.early_stop.use_ema else "model"}
+                "selected_weights": "ema" if self.cfg.early_stop.use_ema else "model",
+                "temperature": self.temperature, "inputs": self.inputs,
+                "config": to_dict(self.cfg)}
 
     def save(self, periodic: bool = False, best: bool = False) -> None:
         """Write last (and a step checkpoint when periodic), or best; all ranks call.

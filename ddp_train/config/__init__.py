@@ -8,9 +8,10 @@ from .recipes import AugmentConfig, EmaConfig, LossConfig
 from .sections import (CheckpointConfig, Config, ConfigError, DataConfig, EarlyStopConfig,
                        EngineConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RunConfig,
                        ScheduleConfig, TrainConfig, WatchdogConfig, doc)
+from .infer import CalibrationConfig, MultimodalConfig, TTAConfig
 
 __all__ = ["AugmentConfig", "EmaConfig", "LossConfig", "annotated_yaml", "describe", "dump_yaml", "from_dict", "load_config",
            "parse_override", "to_dict", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EarlyStopConfig", "EngineConfig", "EvalConfig", "LogConfig",
            "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
-           "WatchdogConfig", "doc"]
+           "WatchdogConfig", "doc", "CalibrationConfig", "MultimodalConfig", "TTAConfig"]

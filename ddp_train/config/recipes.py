@@ -109,6 +109,9 @@ def check_recipe_keys(cfg) -> None:
             check(not on, key, "cannot be combined with mixup/cutmix (timm's "
                   "SoftTargetCrossEntropy has no per-class factor); use data.class_balance to "
                   "rebalance by sampling instead")
+        check(not cfg.data.extras, "augment.mixup_alpha",
+              "mixup/cutmix mix images only; with data.extras (multimodal inputs) the sensor and "
+              "env features would keep one sample's values under a blend of two images")
         check(cfg.train.batch_size % 2 == 0, "train.batch_size",
               f"{cfg.train.batch_size} is odd; mixup/cutmix pair each sample with the batch "
               "reversed and need an even batch")

@@ -74,6 +74,8 @@ class DataConfig:
     prefetch_factor: int = doc(2, "batches each worker prepares ahead")
     class_balance: float = doc(0.0, "train: resample each shuffle block with class weights "
                                "count^-x from the manifest (0 = off, 1 = balanced, 0.5 = sqrt)")
+    extras: list[str] = doc([], "extra per-sample members to load with the image (packed from "
+                            "CSV columns, e.g. [sensor, env]); batches become dicts")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "data.shards", "must name a packed dataset folder")
@@ -92,6 +94,7 @@ class DataConfig:
         check(self.color_jitter >= 0, "data.color_jitter", "must be >= 0")
         check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         check(0 <= self.class_balance <= 1, "data.class_balance", "must be in [0, 1]")
+        check("image" not in self.extras, "data.extras", "'image' is always loaded")
 
 
 @dataclass
@@ -270,8 +273,9 @@ class WatchdogConfig:
               f"{self.timeout} s is too short (0 = off, else >= 10)")
 
 
-# Imported here, not at the top: recipes.py takes doc/check/one_of from this module.
+# Imported here, not at the top: recipes.py and infer.py take doc/check/one_of from this module.
 from .recipes import AugmentConfig, EmaConfig, LossConfig, check_recipe_keys  # noqa: E402
+from .infer import CalibrationConfig, MultimodalConfig, TTAConfig  # noqa: E402
 
 
 @dataclass
@@ -294,6 +298,9 @@ class Config:
     loss: LossConfig = doc(None, "training loss: class weights, focal, label smoothing")
     augment: AugmentConfig = doc(None, "timm augmentation: auto-augment, random erasing, mixup")
     ema: EmaConfig = doc(None, "moving average of the weights")
+    tta: TTAConfig = doc(None, "test-time augmentation")
+    calibration: CalibrationConfig = doc(None, "temperature scaling")
+    multimodal: MultimodalConfig = doc(None, "image + sensor + env FiLM fusion model")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -110,6 +110,15 @@ def build_transform(cfg: DataConfig, train: bool, augment: Optional[AugmentConfi
                             mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.crop_pct)
 
 
+def extra_specs(manifest: Manifest, names: list[str]) -> dict[str, dict]:
+    """The manifest specs of the extra members ``names`` (``data.extras``); ValueError if absent."""
+    missing = [name for name in names if name not in manifest.extras]
+    if missing:
+        raise ValueError(f"data.extras: {', '.join(missing)} not packed in {manifest.root} (it "
+                         f"has: {', '.join(manifest.extras) or 'no extras'})")
+    return {name: manifest.extras[name] for name in names}
+
+
 def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, batch_size: int,
                  seed: int, problems_path: str = "", manifest: Manifest | None = None,
                  augment: Optional[AugmentConfig] = None) -> ShardLoader:
@@ -133,7 +142,8 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
                          world_size=dist.world_size, roles=roles,
                          shuffle_buffer=cfg.shuffle_buffer,
                          transform=build_transform(cfg, train, augment),
-                         problems=ProblemLog(problems_path, split), class_weights=class_weights)
+                         problems=ProblemLog(problems_path, split), class_weights=class_weights,
+                         extras=extra_specs(manifest, cfg.extras))
     loader = ShardLoader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                          prefetch_factor=cfg.prefetch_factor, manifest=manifest, split=split)
     if train:

@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from ..shards import extras as extra_members
 from . import plan
 from .tar import tar_samples
 
@@ -153,11 +154,15 @@ def decode_sample(raw: dict) -> tuple[Image.Image, int]:
 
 
 def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform: Callable,
-                         seed: int, epoch: int, train: bool,
-                         problems: ProblemLog) -> Iterator[tuple[torch.Tensor, int]]:
+                         seed: int, epoch: int, train: bool, problems: ProblemLog,
+                         extras: Optional[dict] = None) -> Iterator[tuple[object, int]]:
     """Decode image + label and apply the transform. Unreadable samples are logged; in training
     the next good sample is repeated in their place so every rank keeps its exact batch count
-    (a short rank would hang DDP), in eval they are dropped (eval has no collectives)."""
+    (a short rank would hang DDP), in eval they are dropped (eval has no collectives).
+
+    With ``extras`` ({name: manifest spec}) the input is a dict ``{"image": tensor, name:
+    tensor, ...}`` (collated into a dict of batches); a sample missing one counts as unreadable.
+    """
     owed, last = 0, None
     for pos, raw in items:
         try:
@@ -167,6 +172,9 @@ def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform:
             if train:
                 seed_sample(seed, epoch, pos)
             out = (transform(image), label)
+            if extras:
+                out = ({"image": out[0], **{name: extra_members.decode(raw[spec["member"]], spec)
+                                            for name, spec in extras.items()}}, label)
         except Exception as e:
             raw = raw or {}
             problems(str(raw.get("__url__", "?")), raw.get("__key__"), repr(e))
@@ -217,13 +225,15 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], lengths: list[int], *, train: bool, batch_size: int,
                  seed: int, rank: int, world_size: int, roles: int, shuffle_buffer: int,
                  transform: Callable, problems: ProblemLog,
-                 class_weights: Optional[list[float]] = None) -> None:
+                 class_weights: Optional[list[float]] = None,
+                 extras: Optional[dict] = None) -> None:
         super().__init__()
         self.class_weights = class_weights  # train: per-class sampling weights (None = off)
         self.urls, self.lengths = urls, lengths
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.rank, self.world_size, self.roles = rank, world_size, roles
         self.shuffle_buffer, self.transform, self.problems = shuffle_buffer, transform, problems
+        self.extras = extras or {}  # extra member name -> manifest spec, loaded with the image
         self.epoch = 0
         self.start_batch = 0  # rank batches already consumed this epoch (resume point)
 
@@ -252,7 +262,7 @@ class ShardStream(IterableDataset):
                                shuffle=self.train, class_weights=self.class_weights)
         # (image tensor CHW, label), exactly one per position in training
         stream = decode_and_transform(stream, self.transform, self.seed, self.epoch, self.train,
-                                      self.problems)
+                                      self.problems, self.extras)
         # (images [B,C,H,W], labels [B]); train ranges are whole batches, eval keeps the remainder
         stream = wds.filters.batched(self.batch_size, collation_fn=default_collate,
                                      partial=True)(stream)

@@ -39,7 +39,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     manifest = pack(args.src, args.out, classes=args.classes, val_fraction=args.val_fraction,
                     test_fraction=args.test_fraction, seed=args.seed, shard_size=args.shard_size,
                     max_shard_bytes=args.max_shard_bytes, resize=args.resize,
-                    workers=args.workers, overwrite=args.overwrite)
+                    workers=args.workers, overwrite=args.overwrite, extras=args.extras or ())
     print(summary(manifest))
     return 0
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma-separated class names in index order (default: all, sorted)")
+    p.add_argument("--extras", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   help="comma-separated CSV columns stored next to each image, e.g. sensor,env "
+                   "(.npy path -> <col>.npy; .json path or inline JSON -> <col>.json)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("info", help="print a packed dataset's splits and class balance")

@@ -47,6 +47,8 @@ class Manifest:
     splits: dict[str, SplitInfo]
     pack: dict[str, Any] = field(default_factory=dict)  # settings the packer ran with
     problematic: int = 0  # files skipped while packing (listed in problematic_files.jsonl)
+    # extra member per CSV column: {"sensor": {"member": "sensor.npy", "shape": [3, 64]}, ...}
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +76,7 @@ class Manifest:
             "splits": {k: asdict(v) for k, v in self.splits.items()},
             "pack": self.pack,
             "problematic": self.problematic,
+            **({"extras": self.extras} if self.extras else {}),
         }
 
 
@@ -122,7 +125,7 @@ def load_manifest(root: str) -> Manifest:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a ddp-train shard manifest (missing {e})") from None
     return Manifest(root=root, classes=classes, splits=splits, pack=doc.get("pack", {}),
-                    problematic=int(doc.get("problematic", 0)))
+                    problematic=int(doc.get("problematic", 0)), extras=doc.get("extras", {}))
 
 
 def write_manifest(manifest: Manifest, directory: str) -> str:

@@ -28,6 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from .. import __version__
+from . import extras as extra_members
 from .report import sha256_file
 from .manifest import PROBLEMS_NAME, Manifest, SplitInfo, write_manifest
 
@@ -55,6 +56,7 @@ class Item:
     path: str
     label: str
     split: str | None = None  # "train"/"val"/"test" wins over the seeded split; None: assign one
+    extras: tuple[tuple[str, str], ...] = ()  # (column, cell) pairs stored next to the image
 
 
 def scan_folder(src: str) -> tuple[list[Item], list[str]]:
@@ -74,19 +76,23 @@ def scan_folder(src: str) -> tuple[list[Item], list[str]]:
     return items, classes
 
 
-def scan_csv(src: str) -> tuple[list[Item], list[str]]:
-    """Items of a CSV with a header naming ``path,label`` and optionally ``split``.
+def scan_csv(src: str, extras: Sequence[str] = ()) -> tuple[list[Item], list[str]]:
+    """Items of a CSV with a header naming ``path,label``, optionally ``split`` and ``extras``.
 
     Relative paths are relative to the CSV's folder. Classes are the sorted non-empty labels.
+    Each ``extras`` column is stored as a member next to the image (:mod:`.extras`).
     """
     base = os.path.dirname(os.path.abspath(src))
     with open(src, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate Excel's BOM
         rows = csv.DictReader(f)
-        if not {"path", "label"} <= set(rows.fieldnames or []):
-            raise PackError(f"{src}: the header must name the columns path,label[,split] "
+        if not {"path", "label", *extras} <= set(rows.fieldnames or []):
+            raise PackError(f"{src}: the header must name the columns path,label[,split]"
+                            f"{''.join(',' + e for e in extras)} "
                             f"(found {','.join(rows.fieldnames or []) or 'nothing'})")
         items = [Item(os.path.join(base, (row["path"] or "").strip()), (row["label"] or "").strip(),
-                      (row.get("split") or "").strip() or None) for row in rows]
+                      (row.get("split") or "").strip() or None,
+                      tuple((e, extra_members.resolve(row[e], base)) for e in extras))
+                 for row in rows]
     return items, sorted({item.label for item in items if item.label})
 
 
@@ -158,6 +164,19 @@ def _encode(img: Image.Image, data: bytes, max_side: int | None) -> tuple[bytes,
     buf = io.BytesIO()
     img.save(buf, **SAVE_ARGS[ext])
     return buf.getvalue(), ext, size
+
+
+def load_sample(job: tuple[str, int | None, tuple[tuple[str, str], ...]]) -> tuple | str:
+    """:func:`load_image` plus the sample's extra members (pool worker): ``(bytes, key, size,
+    {column: (member, bytes, spec)})``, or the reason the sample is unusable."""
+    path, max_side, extras = job
+    image = load_image((path, max_side))
+    if isinstance(image, str):
+        return image
+    try:
+        return (*image, {name: extra_members.encode(name, value) for name, value in extras})
+    except ValueError as e:
+        return str(e)
 
 
 class RateColumn(ProgressColumn):
@@ -249,8 +268,11 @@ def _triage(items: Sequence[Item], classes: Sequence[str]) -> tuple[list[Item], 
 
 def _write_split(name: str, items: list[Item], classes: Sequence[str], folder: str,
                  decoded: Any, new_writer: Callable, bar: FileProgress,
-                 problems: list[dict]) -> SplitInfo:
-    """Write one split's decodable items as ``folder/{name}-NNNNNN.tar``; log the others."""
+                 problems: list[dict], specs: dict[str, dict]) -> SplitInfo:
+    """Write one split's decodable items as ``folder/{name}-NNNNNN.tar``; log the others.
+
+    ``specs`` holds each extra column's shape/keys as first seen (in any split); a sample whose
+    extras differ is a problem, since the loader must batch them."""
     index = {label: i for i, label in enumerate(classes)}
     counts = [0] * len(classes)
     shards: list[tuple[str, int, str]] = []  # (file name, samples, sha256) per closed shard
@@ -264,11 +286,19 @@ def _write_split(name: str, items: list[Item], classes: Sequence[str], folder: s
         if isinstance(result, str):
             problems.append(_problem(item, result))
             continue
-        data, ext, size = result
+        data, ext, size, extras = result
+        for column, (_, _, spec) in extras.items():
+            specs.setdefault(column, spec)
+        reason = "; ".join(filter(None, (extra_members.mismatch(spec, specs[column])
+                                         for column, (_, _, spec) in extras.items())))
+        if reason:
+            problems.append(_problem(item, reason))
+            continue
         if writer is None:  # ShardWriter opens a shard when created: an empty split gets none
             writer = new_writer(os.path.join(folder, f"{name}-%06d.tar"), post=record)
         writer.write({"__key__": f"{name}_{written:08d}", ext: data, "cls": index[item.label],
-                      "json": {"path": item.path, "size": size, "label": item.label}})
+                      "json": {"path": item.path, "size": size, "label": item.label},
+                      **{member: blob for member, blob, _ in extras.values()}})
         counts[index[item.label]] += 1
         written += 1
     if writer is not None:
@@ -289,7 +319,7 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 def _write_splits(splits: dict[str, list[Item]], classes: Sequence[str], folder: str,
                   new_writer: Callable, resize: int | None, workers: int, progress: str,
-                  problems: list[dict]) -> dict[str, SplitInfo]:
+                  problems: list[dict], specs: dict[str, dict]) -> dict[str, SplitInfo]:
     """Decode every item in a process pool and write each split's shards into ``folder``."""
     infos = {}
     total = sum(len(group) for group in splits.values())
@@ -298,9 +328,10 @@ def _write_splits(splits: dict[str, list[Item]], classes: Sequence[str], folder:
         for name, group in splits.items():
             # Ordered imap: results come back in input order whatever the worker count,
             # so the shards are the same for 1 or 64 workers.
-            decoded = pool.imap(load_image, [(item.path, resize) for item in group], chunk)
+            decoded = pool.imap(load_sample, [(item.path, resize, item.extras) for item in group],
+                                chunk)
             infos[name] = _write_split(name, group, classes, folder, decoded, new_writer, bar,
-                                       problems)
+                                       problems, specs)
     return infos
 
 
@@ -350,14 +381,15 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run that had our pid
     os.makedirs(tmp)
     try:
+        specs: dict[str, dict] = {}  # extra column -> member, shape/keys (manifest "extras")
         infos = _write_splits(splits, classes, tmp, new_writer, resize, workers, progress,
-                              problems)
+                              problems, specs)
         if not any(info.num_samples for info in infos.values()):
             raise PackError(f"none of {len(items)} files could be used, e.g. "
                             f"{problems[0]['path']}: {problems[0]['reason']}")
         _write_problems(tmp, problems)
         manifest = Manifest(root=out, classes=list(classes), splits=infos, pack=settings,
-                            problematic=len(problems))
+                            problematic=len(problems), extras=specs)
         write_manifest(manifest, tmp)
         _move_into_place(tmp, out)
     finally:
@@ -366,11 +398,12 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
 
 
 def pack(src: str, out: str | None = None, *, classes: Sequence[str] | None = None,
-         **settings: Any) -> Manifest:
+         extras: Sequence[str] = (), **settings: Any) -> Manifest:
     """Pack an image folder or a ``path,label[,split]`` CSV; ``settings`` are pack_items' keywords.
 
     ``out`` defaults to ``shards/<name of SRC>``; ``classes`` restricts and orders the classes
-    (files of other classes are logged as unknown labels).
+    (files of other classes are logged as unknown labels); ``extras`` names CSV columns stored
+    as extra members next to each image (:mod:`.extras`).
     """
     if not os.path.exists(src):
         raise PackError(f"source {src} does not exist")
@@ -379,7 +412,10 @@ def pack(src: str, out: str | None = None, *, classes: Sequence[str] | None = No
     src_abs, out_abs = os.path.realpath(src), os.path.realpath(out)
     if src_abs == out_abs or src_abs.startswith(out_abs + os.sep):
         raise PackError(f"output {out} would contain the source {src}")
-    items, found = scan_folder(src) if os.path.isdir(src) else scan_csv(src)
+    if extras and os.path.isdir(src):
+        raise PackError("extras come from CSV columns: pack a CSV, not a folder")
+    extra_members.check_names(list(extras))
+    items, found = scan_folder(src) if os.path.isdir(src) else scan_csv(src, extras)
     if not items:
         raise PackError(f"no image files found in {src}")
     return pack_items(items, list(classes) if classes else found, out,
