@@ -33,7 +33,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="EMA smoothing factor in [0, 1), the weight of the previous average "
                         "(default: 1 - 2/(W+1), W the median window)")
     parser.add_argument("--median-window", type=int, default=None, metavar="W",
-                        help="rolling-median window in steps (default: about 1%% of the steps, "
+                        help="rolling-median window in logged steps (default: about 1%% of them, "
                         "at least 5)")
     parser.add_argument("--points", type=int, default=2000, metavar="N",
                         help="bins per drawn line, each keeping its min and max (default 2000)")
@@ -44,8 +44,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.ema is not None and not 0 <= args.ema < 1:
         parser.error("--ema must be in [0, 1)")
-    if args.points < 2 or (args.median_window is not None and args.median_window < 1):
-        parser.error("--points must be >= 2 and --median-window >= 1")
+    if args.points < 2 or args.dpi < 10 or (args.median_window is not None
+                                            and args.median_window < 1):
+        parser.error("--points must be >= 2, --dpi >= 10 and --median-window >= 1")
     return args
 
 

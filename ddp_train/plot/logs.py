@@ -52,6 +52,9 @@ class Run:
     resumes: list = field(default_factory=list)  # steps at which a launch resumed
     end: Optional[dict] = None  # the last "end" event; None while running or after a kill
     replaced: int = 0  # step records superseded by a later record of the same step
+    # Seconds from the first to the last stamped line of a text log. Its stamps are the training
+    # machine's local time, not comparable with eval.jsonl's unix times, so they stay apart.
+    text_wall_s: Optional[float] = None
 
 
 def load_run(path: str) -> Run:
@@ -60,7 +63,7 @@ def load_run(path: str) -> Run:
     Evals come from the ``eval.jsonl`` next to the file; a text log without one falls back to its
     own ``eval ...`` summary lines (no per-class numbers then). Raises :class:`LogError`.
     """
-    path = _log_file(path)
+    path = _log_file(os.path.normpath(path))
     with open(path, "rb") as f:
         data = f.read()
     head = data.lstrip()[:1]
@@ -75,6 +78,10 @@ def load_run(path: str) -> Run:
     missing = [name for name in REQUIRED_FIELDS if name not in run.steps]
     if missing:
         raise LogError(f"{path}: step records have no {', '.join(missing)} field")
+    if run.steps["loss"].isna().all():
+        raise LogError(f"{path}: no step has a finite loss (every loss is null)")
+    if run.steps["epoch"].isna().any():
+        raise LogError(f"{path}: step records without an epoch")
     eval_path = os.path.join(folder, "eval.jsonl")
     if os.path.isfile(eval_path):
         run.evals = read_evals(eval_path)
@@ -172,6 +179,9 @@ def _parse_steps(chunk: bytes) -> pd.DataFrame:
     """The step records of a block of lines: bulk-parsed when uniform, else line by line."""
     if not chunk or chunk.isspace():
         return pd.DataFrame()
+    # A skipped update (fp16 overflow) adds one key to its line; the figures do not use it, and
+    # dropping it keeps the block uniform, so runs with many overflows stay on the fast path.
+    chunk = chunk.replace(b',"skipped":true', b"")
     try:
         return _parse_steps_bulk(chunk)
     except ValueError:  # not uniform: another key order, a garbage line, a string value...
@@ -244,12 +254,13 @@ def read_evals(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- train.log
 
 _STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| "
+_STAMP_LINE = re.compile(_STAMP)
 _STEP_LINE = re.compile(_STAMP + r"step (?P<step>\d+)/(?P<total>\d+) \| (?P<rest>.*)")
 _EVAL_LINE = re.compile(_STAMP + r"eval (?P<split>\S+) step (?P<step>\d+) \| (?P<rest>.*)")
 _RESUME_LINE = re.compile(_STAMP + r"resumed from .* at step (?P<step>\d+)")
 _STOP_LINE = re.compile(_STAMP + r"stopped: (?P<reason>.*)")
 _RUN_LINE = re.compile(
-    _STAMP + r"run \S+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
+    _STAMP + r"run .+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
     r"(?P<batch_size>\d+) x accum (?P<grad_accum>\d+) \| (?P<updates_per_epoch>\d+) "
     r"updates/epoch \| (?P<total_steps>\d+) updates")
 # The parts of a step line after "step N/T", e.g. "epoch 1", "loss 0.3028", "41 img/s".
@@ -263,8 +274,10 @@ def _parse_text_log(data: bytes) -> Run:
     Only every ``log.interval``-th step is in such a log, with rounded values; the numbers are
     what the lines say. Times are the local-time stamps, so only differences are meaningful.
     """
-    steps, evals, starts, resumes, end = [], [], [], [], None
+    steps, evals, starts, resumes, end, stamps = [], [], [], [], None, []
     for line in data.decode("utf-8", errors="replace").splitlines():
+        if m := _STAMP_LINE.match(line):
+            stamps.append(m["stamp"])
         if m := _STEP_LINE.match(line):
             steps.append({"stamp": m["stamp"], "step": int(m["step"]), **_step_parts(m["rest"])})
         elif m := _EVAL_LINE.match(line):
@@ -280,9 +293,10 @@ def _parse_text_log(data: bytes) -> Run:
     steps_frame, replaced = later_wins(_with_unix_time(pd.DataFrame(steps)))
     eval_records = _with_unix_time(pd.DataFrame(evals)).to_dict("records")
     latest = {(r["split"], r["step"]): r for r in eval_records}  # later wins here too
+    times = _with_unix_time(pd.DataFrame({"stamp": stamps}))["time"]
     return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
-               resumes=resumes, end=end,
-               evals=sorted(latest.values(), key=lambda record: record["step"]))
+               resumes=resumes, end=end, evals=sorted(latest.values(), key=lambda r: r["step"]),
+               text_wall_s=float(times.max() - times.min()) if stamps else None)
 
 
 def _step_parts(rest: str) -> dict:

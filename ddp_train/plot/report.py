@@ -41,7 +41,8 @@ def run_section(run: Run, opts: Options) -> list[str]:
     evals = stats.eval_frame(run, split) if split else pd.DataFrame()
     best = stats.best_row(evals, opts.best_metric) if len(evals) else None
     best_epoch = None if best is None else stats.eval_at(evals, best)["epoch"]
-    return [f"## {run.name}", "", *_summary(run), *_epoch_table(table, split, best_epoch),
+    return [f"## {run.name}", "", *_summary(run),
+            *_epoch_table(table, split, best_epoch, stats.initial_text(run.steps)),
             *_best_and_final(run, evals, best, opts), *_overfitting(table, evals, split),
             *_per_class(run, opts), "### Observations", "",
             *[f"* {sentence}" for sentence in observations(run, table, evals, best, opts)], ""]
@@ -96,7 +97,8 @@ def _summary(run: Run) -> list[str]:
     rows += [["steps", f"{last:,}{planned}; {len(steps):,} logged, epochs "
                        f"{steps['epoch'].iloc[0]}–{steps['epoch'].iloc[-1]}"],
              ["launches", _launches(run)],
-             ["wall time", f"{_duration(stats.wall_time(run))} (first to last record)"]]
+             ["wall time", f"{_duration(stats.wall_time(run))} (first to last "
+                           f"{'stamped line' if run.text_wall_s is not None else 'record'})"]]
     speed = stats.throughput(steps)
     if "median" in speed:
         rows.append(["throughput", f"median {speed['median']:,.0f} samples/s (5th–95th "
@@ -106,7 +108,9 @@ def _summary(run: Run) -> list[str]:
                                   " in logged steps"])
     rows.append(["end", run.end.get("reason", "end record") if run.end else
                  "no end record: still running, or killed"])
-    rows.append(["log", f"`{run.source}`"])
+    sparse = (" (a text log: one line every `log.interval` steps, values rounded as printed)"
+              if run.text_wall_s is not None else "")
+    rows.append(["log", f"`{run.source}`{sparse}"])
     return ["### Run summary", "", *_table(["", ""], [r for r in rows if r[1]])]
 
 
@@ -114,11 +118,12 @@ def _launches(run: Run) -> str:
     if not run.resumes:
         return "1 (never resumed)"
     text = f"{len(run.resumes) + 1}: resumed at step {', '.join(f'{s:,}' for s in run.resumes)}"
-    return text + f"; {run.replaced:,} repeated step records replaced by the later ones"
+    return text + f"; {run.replaced:,} repeated step record(s) replaced by the later ones"
 
 
-def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional[int]) -> list[str]:
-    header = ["epoch", "steps", "train loss (mean)", "min", "max", "below initial"]
+def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional[int],
+                 initial: str) -> list[str]:
+    header = ["epoch", "steps logged", "train loss (mean)", "min", "max", "below initial"]
     if split:
         header += [f"{split} loss", f"{split} acc", f"{split} macro-F1",
                    f"{split} − train loss"]
@@ -133,8 +138,8 @@ def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional
         rows.append(cells)
     note = (f"Each epoch shows its last {split} eval; **(best)** marks the epoch of the best one. "
             if split else "No eval.jsonl: train loss only. ")
-    note += (f"\"below initial\" compares the epoch's mean loss with the initial loss (the mean "
-             f"of the first {stats.INITIAL_STEPS} logged steps).")
+    note += (f"\"below initial\" compares the epoch's mean loss with the initial loss "
+             f"({initial}).")
     return ["### Per epoch", "", *_table(header, rows), note, ""]
 
 
@@ -219,8 +224,7 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
     last_epoch = table.index[-1]
     reduction = table["reduction_pct"].iloc[-1]
     out.append(f"Train loss {'fell' if reduction >= 0 else 'rose'} {abs(reduction):.1f}% from "
-               f"{stats.initial_loss(steps):.4f} (mean of the first {stats.INITIAL_STEPS} logged "
-               f"steps) to {table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
+               f"{stats.initial_loss(steps):.4f} ({stats.initial_text(steps)}) to {table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
     if best is not None:
         split = stats.main_split(run)
         row, last = stats.eval_at(evals, best), stats.eval_at(evals, -1)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .logs import Run
 
-INITIAL_STEPS = 10  # "initial loss" = mean loss of the first 10 logged steps (one step is noise)
+INITIAL_STEPS = 10  # "initial loss" = mean loss of the first 10 steps (one step is noise)
 PLATEAU_GAIN = 0.005  # a metric within 0.5 points of its best counts as plateaued...
 PLATEAU_EVALS = 3  # ...when at least this many evals follow the first such eval
 OVERFIT_RISE = 0.05  # val loss more than 5% above its minimum at the last eval is a rise
@@ -30,9 +30,29 @@ def number(value) -> float:
 
 # ----------------------------------------------------------------------------- train loss
 
+def initial_steps(steps: pd.DataFrame) -> pd.DataFrame:
+    """The steps that define the initial loss: those with a finite loss among the first
+    :data:`INITIAL_STEPS` steps from the first finite one (by step number, not by line).
+
+    Counting by step number keeps a sparse log honest: a train.log has one line every
+    ``log.interval`` steps, and its first 10 lines would span most of a short run.
+    """
+    finite = steps[steps["loss"].notna()]
+    first = finite["step"].iloc[0]
+    return finite[finite["step"] < first + INITIAL_STEPS]
+
+
 def initial_loss(steps: pd.DataFrame) -> float:
-    """Mean loss over the first :data:`INITIAL_STEPS` logged steps with a finite loss."""
-    return float(steps["loss"].dropna().iloc[:INITIAL_STEPS].mean())
+    """Mean loss of :func:`initial_steps`: the baseline of the loss-reduction numbers."""
+    return float(initial_steps(steps)["loss"].mean())
+
+
+def initial_text(steps: pd.DataFrame) -> str:
+    """What the initial loss is, for titles and the report: ``mean of steps 1–10``."""
+    chosen = initial_steps(steps)["step"]
+    if len(chosen) == 1:
+        return f"step {chosen.iloc[0]:,}, the first logged"
+    return f"mean of the {len(chosen)} logged steps {chosen.iloc[0]:,}–{chosen.iloc[-1]:,}"
 
 
 def epoch_stats(steps: pd.DataFrame) -> pd.DataFrame:
@@ -97,6 +117,8 @@ def throughput(steps: pd.DataFrame) -> dict:
 
 def wall_time(run: Run) -> float:
     """Seconds from the first to the last record with a time (steps, evals, events)."""
+    if run.text_wall_s is not None:
+        return run.text_wall_s
     times = list(run.steps["time"].dropna()) if "time" in run.steps else []
     times += [number(r.get("time")) for r in run.evals + run.starts]
     times += [number(run.end.get("time"))] if run.end else []
