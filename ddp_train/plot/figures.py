@@ -2,8 +2,8 @@
 
 Each panel is a function ``draw_x(ax, runs, opts)`` that draws every run on one axes, so the
 same code serves every figure, and several runs overlay with a legend.
-Figures are ``matplotlib.figure.Figure`` objects rendered by Agg; pyplot is never imported, so
-there is no GUI backend and no global figure state.
+Figures are ``matplotlib.figure.Figure`` objects rendered by Agg; nothing here uses pyplot, so
+there is no global figure state (the CLI also selects the Agg backend: no GUI toolkit).
 """
 from __future__ import annotations
 

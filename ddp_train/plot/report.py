@@ -240,7 +240,7 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
                    f"{_num(last['acc'])}, macro-F1 {_num(last['macro_f1'])}.")
     nonfinite = steps["step"][steps["loss"].isna()]
     if len(nonfinite):
-        out.append(f"{len(nonfinite):,} steps logged a non-finite loss (null), the first at "
+        out.append(f"{len(nonfinite):,} step(s) logged a non-finite loss (null), the first at "
                    f"step {nonfinite.iloc[0]:,}.")
     if run.resumes:
         out.append(f"The run was resumed {len(run.resumes)} time(s); {run.replaced:,} step "
