@@ -309,11 +309,11 @@ def test_several_runs_overlay_live_run_and_text_log(plotted, tmp_path):
     out = str(tmp_path / "plots")
     logs_given = [plotted["run_dir"], os.path.join(plotted["run_dir"], "train.log"), live]
     assert plot_main([arg for path in logs_given for arg in ("--log", path)]
-                     + ["--output", out, "--report"]) == 0
+                     + ["--output", out, "--report", "--dpi", "60"]) == 0  # small: faster
     runs = [logs.load_run(path) for path in logs_given]
     assert runs[2].steps["step"].iloc[-1] == 150 and runs[2].end is None
     for name in FIGURES:
-        assert colored_pixels(os.path.join(out, f"{name}.png")) > 500, name
+        assert colored_pixels(os.path.join(out, f"{name}.png")) > 200, name
     fig = figures.Figure()
     ax = fig.add_subplot()
     runs[1].name += " #2"  # as the CLI names two runs from the same folder
