@@ -15,12 +15,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from ddp_train.config import LogConfig
 from ddp_train.dist import DistInfo
-from ddp_train.plot import figures, logs
+from ddp_train.plot import figures, logs, stats
 from ddp_train.plot.cli import main as plot_main
 from ddp_train.runlog import make_logger
 
@@ -248,6 +249,25 @@ def test_text_log_input(plotted):
     assert [s["model"] for s in run.starts] == ["resnet18", "resnet18"]
     assert run.end["reason"] == f"finished {TOTAL} updates"
     assert len(run.evals) == 4 and run.evals[0]["per_class"]  # eval.jsonl next to it
+
+
+# ----------------------------------------------------------------------------- long runs
+
+def test_downsampling_keeps_spikes_and_medians_are_exact():
+    """What makes a million steps cheap to draw must not change what is drawn."""
+    rng = np.random.default_rng(0)
+    n = 200_000
+    steps, loss = np.arange(1, n + 1), rng.random(n)
+    loss[[777, 123_456]] = [50.0, -3.0]  # one-step spikes
+    loss[rng.random(n) < 0.01] = np.nan
+    x, y = figures.minmax_downsample(steps, loss, 500)
+    assert len(x) <= 1000 and np.all(np.diff(x) >= 0)
+    assert np.nanmax(y) == 50.0 and np.nanmin(y) == -3.0  # both spikes survive
+    assert {778, 123_457} <= set(x.tolist())  # at their own steps
+    for window in (2001, 2000, 5):
+        at = np.unique(np.linspace(0, n - 1, 1000).round().astype(int))
+        expected = stats.rolling_median(pd.Series(loss), window).to_numpy()[at]
+        np.testing.assert_allclose(stats.rolling_median_at(loss, window, at), expected)
 
 
 # ----------------------------------------------------------------------------- the report

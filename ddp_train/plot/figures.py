@@ -131,18 +131,21 @@ def draw_loss_smoothed(ax, runs: list[Run], opts: Options) -> None:
     top, bottom = -math.inf, math.inf
     for run in runs:
         color, loss = _color(runs, run), run.steps["loss"]
+        steps = run.steps["step"].to_numpy()
         # Defaults scale with the run: ~1% of its steps (a fixed 0.99 barely moves in 100 steps
         # and is noise over a million).
         window = opts.median_window or stats.median_window(len(loss))
         factor = stats.ema_factor(window) if opts.ema is None else opts.ema
-        smooth = {f"EMA (factor {factor:.4g})": (stats.ema(loss, factor), "-"),
-                  f"rolling median ({window:,} logged steps)": (stats.rolling_median(loss, window), "--")}
         _line(ax, run, "loss", opts, linewidth=0.5, alpha=0.25, color=color,
               label=_label(runs, run, "raw"))
-        for what, (values, linestyle) in smooth.items():
-            x, y = minmax_downsample(run.steps["step"].to_numpy(), values.to_numpy(), opts.points)
-            ax.plot(x, y, linestyle, linewidth=1.5, color=color, label=_label(runs, run, what))
-            top = max(top, np.nanmax(y, initial=-math.inf))
+        x, y = minmax_downsample(steps, stats.ema(loss, factor).to_numpy(), opts.points)
+        ax.plot(x, y, "-", linewidth=1.5, color=color,
+                label=_label(runs, run, f"EMA (factor {factor:.4g})"))
+        top = max(top, np.nanmax(y, initial=-math.inf))
+        x, y = _median_line(steps, loss, window, opts.points)
+        ax.plot(x, y, "--", linewidth=1.5, color=color,
+                label=_label(runs, run, f"rolling median ({window:,} logged steps)"))
+        top = max(top, np.nanmax(y, initial=-math.inf))
         bottom = min(bottom, loss.min())  # NaN-skipping; the raw curve's lowest point
         _mark_resumes(ax, runs, run)
     # Raw spikes would set the y range and flatten the smoothed curves (they are in loss_raw):
@@ -153,6 +156,20 @@ def draw_loss_smoothed(ax, runs: list[Run], opts: Options) -> None:
     ax.set(title="Training loss per step, smoothed", ylabel="loss")
     _step_axis(ax)
     _legend(ax)
+
+
+def _median_line(steps: np.ndarray, loss, window: int, points: int):
+    """The rolling-median curve as drawn: ``(x, y)``.
+
+    A window wider than 4 drawing points leaves nothing to see between them, so the medians are
+    computed only at ``2 * points`` evenly spaced steps (exact values there). A narrower window
+    can have spikes between them: then every step's median is computed and min/max-binned.
+    """
+    n = len(steps)
+    if window * 2 * points < 4 * n:
+        return minmax_downsample(steps, stats.rolling_median(loss, window).to_numpy(), points)
+    at = np.unique(np.linspace(0, n - 1, min(n, 2 * points)).round().astype(int))
+    return steps[at], stats.rolling_median_at(loss.to_numpy(dtype=float), window, at)
 
 
 def draw_epoch_loss(ax, runs: list[Run], opts: Options) -> None:

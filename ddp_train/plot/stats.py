@@ -6,10 +6,12 @@ value drawn in the figure next to it. Every function only aggregates what the lo
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
 import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .logs import Run
 
@@ -91,6 +93,30 @@ def ema_factor(window: int) -> float:
 def rolling_median(values: pd.Series, window: int) -> pd.Series:
     """Centred rolling median over ``window`` steps; robust to the loss spikes an EMA smears."""
     return values.rolling(window, center=True, min_periods=1).median()
+
+
+def rolling_median_at(values: np.ndarray, window: int, at: np.ndarray) -> np.ndarray:
+    """:func:`rolling_median` at the positions ``at`` only, with the same values.
+
+    A figure draws a few thousand points, and pandas' rolling median costs ~2 s for a million
+    steps at the default window; computing the medians only where they are drawn costs
+    ``len(at) * window`` element moves instead. NaN (a non-finite loss) is skipped, as pandas
+    does; a window of NaN only gives NaN.
+    """
+    half = window // 2  # pandas' centred window at i: i - half ... i - half + window - 1
+    padded = np.concatenate([np.full(half, np.nan), values, np.full(window, np.nan)])
+    windows = sliding_window_view(padded, window)  # a view: nothing copied yet
+    out = np.empty(len(at))
+    rows = max(1, (4 << 20) // window)  # copy ~4M values (32 MB) at a time
+    for start in range(0, len(at), rows):
+        block = windows[at[start:start + rows]]
+        if np.isnan(block).any():
+            with warnings.catch_warnings():  # "All-NaN slice": NaN is the intended answer
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[start:start + rows] = np.nanmedian(block, axis=1)
+        else:
+            out[start:start + rows] = np.median(block, axis=1)
+    return out
 
 
 def loss_epochs(steps: pd.DataFrame) -> list[tuple[int, np.ndarray]]:
