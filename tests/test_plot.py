@@ -23,6 +23,7 @@ from ddp_train.config import LogConfig
 from ddp_train.dist import DistInfo
 from ddp_train.plot import figures, logs, stats
 from ddp_train.plot.cli import main as plot_main
+from ddp_train.plot.report import run_section
 from ddp_train.runlog import make_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,6 +269,11 @@ def test_downsampling_keeps_spikes_and_medians_are_exact():
         at = np.unique(np.linspace(0, n - 1, 1000).round().astype(int))
         expected = stats.rolling_median(pd.Series(loss), window).to_numpy()[at]
         np.testing.assert_allclose(stats.rolling_median_at(loss, window, at), expected)
+    # As drawn: a wide window is evaluated at fewer steps, with the exact values there.
+    x, y = figures._median_line(steps, pd.Series(loss), 2001, 500)
+    assert 100 <= len(x) <= 1000
+    full = stats.rolling_median(pd.Series(loss), 2001).to_numpy()
+    np.testing.assert_allclose(y, full[x - 1])
 
 
 # ----------------------------------------------------------------------------- the report
@@ -311,6 +317,34 @@ def test_report_numbers_match_the_log(plotted):
     low, high = min(best, key=lambda c: c["f1"]), max(best, key=lambda c: c["f1"])
     assert (f"class {low['class']} has the lowest F1 ({low['f1']:.3f}) and class "
             f"{high['class']} the highest ({high['f1']:.3f})") in report
+
+
+def test_preempted_last_launch(tmp_path):
+    """A finished run trained further and preempted: the report says so, from either log."""
+    run_dir = str(tmp_path / "again")
+    os.makedirs(run_dir)
+    log = new_logger(run_dir)
+    launch_header(log, run_dir, 0, resumed=False)
+    for step in range(1, 21):
+        log.log_step(step_record(step, base_loss(step)))
+    log.info("stopped: finished 20 updates")
+    log.event("end", step=20, reason="finished 20 updates")
+    log.close()
+    log = new_logger(run_dir, resumed_from_step=20)
+    launch_header(log, run_dir, 20, resumed=True)
+    for step in range(21, 36):
+        log.log_step(step_record(step, base_loss(step)))
+    log.info("stopped: preempted by SIGTERM")
+    log.event("preempted", step=35, signal="SIGTERM")
+    log.close()
+    expected = {"metrics.jsonl": "preempted by SIGTERM after step 35: not finished",
+                "train.log": "preempted by SIGTERM: not finished"}
+    for name, outcome in expected.items():
+        run = logs.load_run(os.path.join(run_dir, name))
+        assert run.end is None and run.preempted is not None, name
+        section = "\n".join(run_section(run, figures.Options()))
+        assert f"| end | {outcome}, resume it to continue |" in section, name
+        assert f"* The last launch was {outcome}, resume it to continue." in section, name
 
 
 # ----------------------------------------------------------------------------- several runs

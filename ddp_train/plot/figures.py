@@ -161,14 +161,17 @@ def draw_loss_smoothed(ax, runs: list[Run], opts: Options) -> None:
 def _median_line(steps: np.ndarray, loss, window: int, points: int):
     """The rolling-median curve as drawn: ``(x, y)``.
 
-    A window wider than 4 drawing points leaves nothing to see between them, so the medians are
-    computed only at ``2 * points`` evenly spaced steps (exact values there). A narrower window
-    can have spikes between them: then every step's median is computed and min/max-binned.
+    Neighbouring medians of a wide window share nearly all their values, so the curve is smooth
+    at the scale of the window: when the window spans at least 4 of the ``2 * points`` drawing
+    positions, the medians are computed only at up to ``2 * points`` evenly spaced steps, about
+    8 per window (exact values there). A narrower window can have spikes between drawing
+    positions: then every step's median is computed and min/max-binned like the raw loss.
     """
     n = len(steps)
     if window * 2 * points < 4 * n:
         return minmax_downsample(steps, stats.rolling_median(loss, window).to_numpy(), points)
-    at = np.unique(np.linspace(0, n - 1, min(n, 2 * points)).round().astype(int))
+    count = min(n, 2 * points, max(8 * n // window, 2))
+    at = np.unique(np.linspace(0, n - 1, count).round().astype(int))
     return steps[at], stats.rolling_median_at(loss.to_numpy(dtype=float), window, at)
 
 

@@ -50,7 +50,8 @@ class Run:
     evals: list = field(default_factory=list)  # eval records, later wins per (split, step)
     starts: list = field(default_factory=list)  # "start" events: one per launch, in order
     resumes: list = field(default_factory=list)  # steps at which a launch resumed
-    end: Optional[dict] = None  # the last "end" event; None while running or after a kill
+    end: Optional[dict] = None  # the "end" event of the last launch; None while running/killed
+    preempted: Optional[dict] = None  # the "preempted" event of the last launch, if it had one
     replaced: int = 0  # step records superseded by a later record of the same step
     # Seconds from the first to the last stamped line of a text log. Its stamps are the training
     # machine's local time, not comparable with eval.jsonl's unix times, so they stay apart.
@@ -121,11 +122,21 @@ def _parse_metrics(data: bytes) -> Run:
     frames = [frame for frame in frames if len(frame)]
     steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     steps, replaced = later_wins(steps)
-    ends = [e for e in events if e["event"] == "end"]
+    end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps, replaced=replaced,
                starts=[e for e in events if e["event"] == "start"],
                resumes=[int(e["step"]) for e in events if e["event"] == "resume"],
-               end=ends[-1] if ends else None)
+               end=end, preempted=preempted)
+
+
+def _last_launch_outcome(events: list[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """The ``end`` and ``preempted`` events after the last ``start`` (a later launch makes an
+    earlier end or preemption history, not the run's state)."""
+    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    last = events[starts[-1] + 1:] if starts else events
+    ends = [e for e in last if e["event"] == "end"]
+    stops = [e for e in last if e["event"] == "preempted"]
+    return (ends[-1] if ends else None), (stops[-1] if stops else None)
 
 
 def _split_at_events(data: bytes) -> tuple[list[tuple[int, int]], list[dict]]:
@@ -274,7 +285,7 @@ def _parse_text_log(data: bytes) -> Run:
     Only every ``log.interval``-th step is in such a log, with rounded values; the numbers are
     what the lines say. Times are the local-time stamps, so only differences are meaningful.
     """
-    steps, evals, starts, resumes, end, stamps = [], [], [], [], None, []
+    steps, evals, starts, resumes, events, stamps = [], [], [], [], [], []
     for line in data.decode("utf-8", errors="replace").splitlines():
         if m := _STAMP_LINE.match(line):
             stamps.append(m["stamp"])
@@ -288,14 +299,19 @@ def _parse_text_log(data: bytes) -> Run:
         elif m := _RUN_LINE.match(line):
             starts.append({k: v if k == "model" else int(v)
                            for k, v in m.groupdict().items() if k != "stamp"})
+            events.append({"event": "start"})
         elif m := _STOP_LINE.match(line):
-            end = {"event": "end", "reason": m["reason"]}
+            # trainer.fit writes "stopped: preempted by SIGTERM" for a stop signal, which has a
+            # "preempted" event in metrics.jsonl instead of "end".
+            kind = "preempted" if m["reason"].startswith("preempted") else "end"
+            events.append({"event": kind, "reason": m["reason"]})
     steps_frame, replaced = later_wins(_with_unix_time(pd.DataFrame(steps)))
     eval_records = _with_unix_time(pd.DataFrame(evals)).to_dict("records")
     latest = {(r["split"], r["step"]): r for r in eval_records}  # later wins here too
     times = _with_unix_time(pd.DataFrame({"stamp": stamps}))["time"]
+    end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
-               resumes=resumes, end=end, evals=sorted(latest.values(), key=lambda r: r["step"]),
+               resumes=resumes, end=end, preempted=preempted, evals=sorted(latest.values(), key=lambda r: r["step"]),
                text_wall_s=float(times.max() - times.min()) if stamps else None)
 
 

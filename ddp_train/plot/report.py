@@ -106,8 +106,7 @@ def _summary(run: Run) -> list[str]:
     if "step_s" in speed:
         rows.append(["step time", f"mean {speed['step_s']:.3f} s; {_duration(speed['step_s_total'])}"
                                   " in logged steps"])
-    rows.append(["end", run.end.get("reason", "end record") if run.end else
-                 "no end record: still running, or killed"])
+    rows.append(["end", _outcome(run)])
     sparse = (" (a text log: one line every `log.interval` steps, values rounded as printed)"
               if run.text_wall_s is not None else "")
     rows.append(["log", f"`{run.source}`{sparse}"])
@@ -249,10 +248,27 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
     if "data_share" in speed:
         out.append(f"Steps spent {speed['data_share']:.1%} of their time waiting for data.")
     last_step = int(steps["step"].iloc[-1])
-    out.append(f"Training ended at step {last_step:,}: {run.end['reason']}." if run.end and
-               run.end.get("reason") else f"No end record after step {last_step:,}: the run is "
-               "still going or was killed.")
+    if run.end:
+        out.append(f"Training ended at step {last_step:,}: {run.end.get('reason', 'end record')}.")
+    elif run.preempted:
+        out.append(f"The last launch was {_outcome(run)}.")
+    else:
+        out.append(f"No end record after step {last_step:,}: the run is still going or was "
+                   "killed.")
     return out
+
+
+def _outcome(run: Run) -> str:
+    """How the last launch ended, from its end / preempted record."""
+    if run.end:
+        return run.end.get("reason", "end record")
+    if run.preempted:
+        # metrics.jsonl: {"event": "preempted", "step", "signal"}; train.log: the stop line.
+        signal, step = run.preempted.get("signal"), run.preempted.get("step")
+        what = run.preempted.get("reason") or "preempted" + (f" by {signal}" if signal else "")
+        where = f" after step {step:,}" if isinstance(step, int) else ""
+        return f"{what}{where}: not finished, resume it to continue"
+    return "no end record: still running, or killed"
 
 
 def _plateau_sentences(evals: pd.DataFrame, split: str) -> list[str]:
