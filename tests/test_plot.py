@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 
 from ddp_train.config import LogConfig
@@ -111,7 +112,8 @@ def write_run(run_dir: str) -> dict[int, float]:
             log.event("nonfinite", step=step, streak=1)
         final[step] = loss
         if step % PER_EPOCH == 0:
-            log.log_eval(eval_record("val", step, VAL[step // PER_EPOCH - 1], step // PER_EPOCH - 1))
+            epoch = step // PER_EPOCH - 1
+            log.log_eval(eval_record("val", step, VAL[epoch], epoch))
     log.log_eval(eval_record("test", TOTAL, TEST, 2))
     log.info(f"stopped: finished {TOTAL} updates")
     log.event("end", step=TOTAL, reason=f"finished {TOTAL} updates")
@@ -213,7 +215,7 @@ def test_restart_later_values_win_and_resume_is_marked(plotted):
     assert [(e["split"], e["step"]) for e in run.evals] == [
         ("val", 100), ("val", 200), ("val", 300), ("test", 300)]
     # The raw-loss figure draws a vertical line at the resume step.
-    fig = figures.Figure()
+    fig = Figure()
     ax = fig.add_subplot()
     figures.draw_loss_raw(ax, [run], figures.Options())
     verticals = [line for line in ax.lines if line.get_linestyle() == ":"]
@@ -368,7 +370,7 @@ def test_several_runs_overlay_live_run_and_text_log(plotted, tmp_path):
     assert runs[2].steps["step"].iloc[-1] == 150 and runs[2].end is None
     for name in FIGURES:
         assert colored_pixels(os.path.join(out, f"{name}.png")) > 200, name
-    fig = figures.Figure()
+    fig = Figure()
     ax = fig.add_subplot()
     runs[1].name += " #2"  # as the CLI names two runs from the same folder
     figures.draw_loss_raw(ax, runs, figures.Options())

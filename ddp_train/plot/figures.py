@@ -8,14 +8,12 @@ there is no global figure state (the CLI also selects the Agg backend: no GUI to
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import matplotlib
 import numpy as np
 from matplotlib import cbook
-from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 

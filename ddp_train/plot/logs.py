@@ -311,7 +311,8 @@ def _parse_text_log(data: bytes) -> Run:
     times = _with_unix_time(pd.DataFrame({"stamp": stamps}))["time"]
     end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
-               resumes=resumes, end=end, preempted=preempted, evals=sorted(latest.values(), key=lambda r: r["step"]),
+               resumes=resumes, end=end, preempted=preempted,
+               evals=sorted(latest.values(), key=lambda r: r["step"]),
                text_wall_s=float(times.max() - times.min()) if stamps else None)
 
 

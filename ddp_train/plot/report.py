@@ -91,7 +91,8 @@ def _summary(run: Run) -> list[str]:
     if all(start.get(k) for k in ("batch_size", "grad_accum", "world_size")):
         total = start["batch_size"] * start["grad_accum"] * start["world_size"]
         rows.append(["batch", f"{start['batch_size']} per rank × {start['grad_accum']} "
-                              f"accumulation × {start['world_size']} rank(s) = {total:,} per step"])
+                              f"accumulation × {start['world_size']} rank(s) = "
+                              f"{total:,} per step"])
     last = int(steps["step"].iloc[-1])
     planned = f" of {start['total_steps']:,} planned" if start.get("total_steps") else ""
     rows += [["steps", f"{last:,}{planned}; {len(steps):,} logged, epochs "
@@ -104,8 +105,8 @@ def _summary(run: Run) -> list[str]:
         rows.append(["throughput", f"median {speed['median']:,.0f} samples/s (5th–95th "
                                    f"percentile {speed['p5']:,.0f}–{speed['p95']:,.0f})"])
     if "step_s" in speed:
-        rows.append(["step time", f"mean {speed['step_s']:.3f} s; {_duration(speed['step_s_total'])}"
-                                  " in logged steps"])
+        rows.append(["step time", f"mean {speed['step_s']:.3f} s; "
+                                  f"{_duration(speed['step_s_total'])} in logged steps"])
     rows.append(["end", _outcome(run)])
     sparse = (" (a text log: one line every `log.interval` steps, values rounded as printed)"
               if run.text_wall_s is not None else "")
@@ -223,7 +224,8 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
     last_epoch = table.index[-1]
     reduction = table["reduction_pct"].iloc[-1]
     out.append(f"Train loss {'fell' if reduction >= 0 else 'rose'} {abs(reduction):.1f}% from "
-               f"{stats.initial_loss(steps):.4f} ({stats.initial_text(steps)}) to {table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
+               f"{stats.initial_loss(steps):.4f} ({stats.initial_text(steps)}) to "
+               f"{table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
     if best is not None:
         split = stats.main_split(run)
         row, last = stats.eval_at(evals, best), stats.eval_at(evals, -1)
