@@ -239,6 +239,14 @@ def test_bulk_parser_matches_line_by_line_reader(tmp_path, monkeypatch):
     run = logs.load_run(path)
     assert_same_steps(run, reference_steps(path))
     assert run.steps["step"].iloc[-1] == TOTAL + 49
+    # The second launch's steps (a null loss, a skipped step) take the fast path, not json.loads.
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().splitlines(keepends=True) if line.startswith(b'{"step')]
+    second = b"".join(line for line in lines if b"gpu_mem_gb" in line)
+    assert b'"skipped":true' in second and b'"loss":null' in second
+    assert len(logs._parse_steps_bulk(second)) == TOTAL - RESUME_AT
+    with pytest.raises(ValueError):  # a line with other keys is caught, not misread
+        logs._parse_steps_bulk(second + lines[0])
 
 
 def test_text_log_input(plotted):

@@ -190,9 +190,6 @@ def _parse_steps(chunk: bytes) -> pd.DataFrame:
     """The step records of a block of lines: bulk-parsed when uniform, else line by line."""
     if not chunk or chunk.isspace():
         return pd.DataFrame()
-    # A skipped update (fp16 overflow) adds one key to its line; the figures do not use it, and
-    # dropping it keeps the block uniform, so runs with many overflows stay on the fast path.
-    chunk = chunk.replace(b',"skipped":true', b"")
     try:
         return _parse_steps_bulk(chunk)
     except ValueError:  # not uniform: another key order, a garbage line, a string value...
@@ -201,6 +198,9 @@ def _parse_steps(chunk: bytes) -> pd.DataFrame:
 
 def _parse_steps_bulk(chunk: bytes) -> pd.DataFrame:
     """Parse a block whose lines all have the first line's keys, in order; ValueError if not."""
+    # A skipped update (fp16 overflow) adds one key to its line; the figures do not use it, and
+    # dropping it keeps the block uniform, so runs with many overflows stay on the fast path.
+    chunk = chunk.replace(b',"skipped":true', b"")
     first_end = chunk.find(b"\n")
     first = json.loads(chunk[:first_end] if first_end != -1 else chunk)
     if not isinstance(first, dict) or not all(
