@@ -282,12 +282,13 @@ def _plateau_sentences(evals: pd.DataFrame, split: str) -> list[str]:
     epoch = stats.eval_at(evals, row)["epoch"]
     points = stats.PLATEAU_GAIN * 100
     if after >= stats.PLATEAU_EVALS:
-        return [f"{split} accuracy plateaued after epoch {epoch}: the {after} "
+        return [f"{split.capitalize()} accuracy plateaued after epoch {epoch}: the {after} "
                 f"later evals raised its best by at most {points:g} points ({reached:.4f} → "
                 f"{best:.4f})."]
-    return [f"{split} accuracy was still improving: it came within {points:g} points of its "
-            f"best ({best:.4f}) only at epoch {epoch}, "
-            + (f"{after} eval(s) before the end." if after else "the last eval.")]
+    when = (f"{after} eval(s) before the end: too few to call it a plateau" if after else
+            "the last eval: it was still improving")
+    return [f"{split.capitalize()} accuracy came within {points:g} points of its best "
+            f"({best:.4f}) only at epoch {epoch}, {when}."]
 
 
 def _class_extremes(run: Run, opts: Options) -> list[str]:
