@@ -23,6 +23,7 @@ from PIL import Image
 from ddp_train.config import LogConfig
 from ddp_train.dist import DistInfo
 from ddp_train.plot import figures, logs, stats
+from ddp_train.plot.cli import load_runs
 from ddp_train.plot.cli import main as plot_main
 from ddp_train.plot.report import _plateau_sentences, run_section
 from ddp_train.runlog import make_logger
@@ -344,6 +345,30 @@ def test_plateau_sentence():
     assert _plateau_sentences(evals, "val") == [
         "Val accuracy came within 0.5 points of its best (0.9000) only at epoch 6, the last eval: "
         "it was still improving."]
+
+
+def test_split_option_picks_the_ema_evals(tmp_path):
+    """--split val_ema: the best eval, the per-epoch table and the per-class numbers use it."""
+    run_dir = str(tmp_path / "ema")
+    os.makedirs(run_dir)
+    log = new_logger(run_dir)
+    launch_header(log, run_dir, 0, resumed=False)
+    for step in range(1, 2 * PER_EPOCH + 1):
+        log.log_step(step_record(step, base_loss(step)))
+        if step % PER_EPOCH == 0:
+            i = step // PER_EPOCH - 1
+            log.log_eval(eval_record("val", step, VAL[i], i))
+            log.log_eval(eval_record("val_ema", step, (0.3, 0.95 - 0.1 * i, 0.94), i))
+    log.close()
+    run = load_runs([run_dir], "val_ema")[0]
+    section = "\n".join(run_section(run, figures.Options()))
+    assert "| best by acc | val_ema | 100 | 0 | 0.3000 | 0.9500 | 0.9400 |" in section
+    assert "| last | val | 200 | 1 | 0.4000 | 0.9300 | 0.9200 |" in section
+    assert "| **0 (best)** |" in section and "val_ema acc" in section
+    assert "### Per class, best val_ema eval (step 100)" in section
+    with pytest.raises(logs.LogError, match=r"no 'test' evals \(the eval splits logged: val, "
+                                            r"val_ema\)"):
+        load_runs([run_dir], "test")
 
 
 def test_preempted_last_launch(tmp_path):

@@ -36,6 +36,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="bins per drawn line, each keeping its min and max (default 2000)")
     parser.add_argument("--best-metric", choices=("acc", "macro_f1", "loss"), default="acc",
                         help="metric that picks the best eval, as early_stop.metric (default acc)")
+    parser.add_argument("--split", default=None, metavar="NAME",
+                        help="eval split for the best eval, the per-epoch table and the per-class "
+                        "figures, e.g. val_ema (default: val)")
     parser.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
@@ -47,11 +50,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_runs(paths: Sequence[str]) -> list[Run]:
-    """Load each path; runs with the same folder name get ``#2``, ``#3``... for the legend."""
+def load_runs(paths: Sequence[str], split: Optional[str] = None) -> list[Run]:
+    """Load each path; runs with the same folder name get ``#2``, ``#3``... for the legend.
+
+    ``split`` (``--split``) must be among each run's eval splits.
+    """
     runs = [load_run(path) for path in paths]
     seen: dict = {}
     for run in runs:
+        names = sorted({r.get("split") for r in run.evals} - {None})
+        if split and split not in names:
+            raise LogError(f"{run.source}: no '{split}' evals (the eval splits logged: "
+                           f"{', '.join(names) or 'none'})")
+        run.split = split
         seen[run.name] = seen.get(run.name, 0) + 1
         if seen[run.name] > 1:
             run.name = f"{run.name} #{seen[run.name]}"
@@ -61,7 +72,7 @@ def load_runs(paths: Sequence[str]) -> list[Run]:
 def run(args: argparse.Namespace) -> None:
     """Load the logs, write the figures and, with ``--report``, report.md."""
     t0 = time.perf_counter()
-    runs = load_runs(args.log)
+    runs = load_runs(args.log, args.split)
     # matplotlib only now: bad input fails in half the time (its import is ~0.5 s of ~1 s).
     import matplotlib
 

@@ -53,6 +53,7 @@ class Run:
     end: Optional[dict] = None  # the "end" event of the last launch; None while running/killed
     preempted: Optional[dict] = None  # the "preempted" event of the last launch, if it had one
     replaced: int = 0  # step records superseded by a later record of the same step
+    split: Optional[str] = None  # the eval split that picks the best eval (--split); None: val
     # Seconds from the first to the last stamped line of a text log. Its stamps are the training
     # machine's local time, not comparable with eval.jsonl's unix times, so they stay apart.
     text_wall_s: Optional[float] = None

@@ -177,13 +177,15 @@ def eval_at(frame: pd.DataFrame, row: int) -> dict:
 
 
 def splits(run: Run) -> list[str]:
-    """The eval splits in the logs, val first."""
+    """The eval splits in the logs: the chosen one (``run.split``, ``--split``), then val, then
+    the others by name."""
     names = {r.get("split") for r in run.evals} - {None}
-    return sorted(names, key=lambda name: (name != "val", name))
+    return sorted(names, key=lambda name: (name != run.split, name != "val", name))
 
 
 def main_split(run: Run) -> Optional[str]:
-    """The split that picks the best eval and fills the per-epoch table: val when logged."""
+    """The split that picks the best eval and fills the per-epoch table and per-class figures:
+    ``run.split`` (``--split``, e.g. val_ema), else val when logged, else the first by name."""
     names = splits(run)
     return names[0] if names else None
 
