@@ -24,17 +24,18 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
         "accelerate": ["accelerate>=0.30"],
-        "plot": ["matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7", "pandas>=2.0"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
         # deepspeed: tests/test_deepspeed.py runs real DeepSpeed on CPU
         "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "wandb>=0.16",
-                 "matplotlib>=3.7", "deepspeed>=0.14"],
+                 "matplotlib>=3.7", "pandas>=2.0", "deepspeed>=0.14"],
     },
     entry_points={
         "console_scripts": [
             "ddp-train=ddp_train.__main__:main",
             "ddp-shards=ddp_train.shards.__main__:main",
+            "ddp-plot=ddp_train.plot.cli:main",
         ],
     },
 )

@@ -2,20 +2,18 @@
 
 Each panel is a function ``draw_x(ax, runs, opts)`` that draws every run on one axes, so the
 same code serves every figure, and several runs overlay with a legend.
-Figures are ``matplotlib.figure.Figure`` objects rendered by Agg; pyplot is never imported, so
-there is no GUI backend and no global figure state.
+Figures are ``matplotlib.figure.Figure`` objects rendered by Agg; nothing here uses pyplot, so
+there is no global figure state (the CLI also selects the Agg backend: no GUI toolkit).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import matplotlib
 import numpy as np
 from matplotlib import cbook
-from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -34,7 +32,7 @@ class Options:
     """How the figures are drawn (the CLI flags)."""
 
     ema: Optional[float] = None  # EMA factor (weight of the previous average); None: from window
-    median_window: Optional[int] = None  # rolling-median window in steps; None: ~1% of steps
+    median_window: Optional[int] = None  # rolling-median window in logged steps; None: ~1%
     points: int = 2000  # bins per drawn line; each keeps its min and max, so <= 2x points
     best_metric: str = "acc"  # picks the best eval (confusion matrix, report)
     dpi: int = 120
@@ -101,6 +99,12 @@ def _mark_nonfinite(ax, runs: list[Run], run: Run, opts: Options) -> None:
             transform=ax.get_xaxis_transform(), label=_label(runs, run, "non-finite loss"))
 
 
+def _step_axis(ax) -> None:
+    """Label the x axis as optimizer steps, written out (``200,000``, not ``0.2 1e6``)."""
+    ax.set_xlabel(STEP_LABEL)
+    ax.xaxis.set_major_formatter("{x:,.0f}")
+
+
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
@@ -115,33 +119,58 @@ def draw_loss_raw(ax, runs: list[Run], opts: Options) -> None:
               label=_label(runs, run))
         _mark_resumes(ax, runs, run)
         _mark_nonfinite(ax, runs, run, opts)
-    ax.set(title="Training loss per step (raw)", xlabel=STEP_LABEL, ylabel="loss (rank 0 batch)")
+    ax.set(title="Training loss per step (raw)", ylabel="loss (rank 0 batch)")
+    _step_axis(ax)
     _legend(ax)
 
 
 def draw_loss_smoothed(ax, runs: list[Run], opts: Options) -> None:
     """EMA and rolling median of the loss over the faint raw curve."""
-    top = -math.inf
+    top, bottom = -math.inf, math.inf
     for run in runs:
         color, loss = _color(runs, run), run.steps["loss"]
+        steps = run.steps["step"].to_numpy()
         # Defaults scale with the run: ~1% of its steps (a fixed 0.99 barely moves in 100 steps
         # and is noise over a million).
         window = opts.median_window or stats.median_window(len(loss))
         factor = stats.ema_factor(window) if opts.ema is None else opts.ema
-        smooth = {f"EMA (factor {factor:.4g})": (stats.ema(loss, factor), "-"),
-                  f"rolling median ({window:,} steps)": (stats.rolling_median(loss, window), "--")}
         _line(ax, run, "loss", opts, linewidth=0.5, alpha=0.25, color=color,
               label=_label(runs, run, "raw"))
-        for what, (values, linestyle) in smooth.items():
-            x, y = minmax_downsample(run.steps["step"].to_numpy(), values.to_numpy(), opts.points)
-            ax.plot(x, y, linestyle, linewidth=1.5, color=color, label=_label(runs, run, what))
-            top = max(top, np.nanmax(y, initial=-math.inf))
+        x, y = minmax_downsample(steps, stats.ema(loss, factor).to_numpy(), opts.points)
+        ax.plot(x, y, "-", linewidth=1.5, color=color,
+                label=_label(runs, run, f"EMA (factor {factor:.4g})"))
+        top = max(top, np.nanmax(y, initial=-math.inf))
+        x, y = _median_line(steps, loss, window, opts.points)
+        ax.plot(x, y, "--", linewidth=1.5, color=color,
+                label=_label(runs, run, f"rolling median ({window:,} logged steps)"))
+        top = max(top, np.nanmax(y, initial=-math.inf))
+        bottom = min(bottom, loss.min())  # NaN-skipping; the raw curve's lowest point
         _mark_resumes(ax, runs, run)
-    # Raw spikes would set the y range and flatten the smoothed curves; they are in loss_raw.
-    if math.isfinite(top):
-        ax.set_ylim(top=top * 1.05 if top > 0 else None)
-    ax.set(title="Training loss per step, smoothed", xlabel=STEP_LABEL, ylabel="loss")
+    # Raw spikes would set the y range and flatten the smoothed curves (they are in loss_raw):
+    # the range runs from the lowest raw loss to the highest smoothed value.
+    if math.isfinite(top) and top > bottom:
+        margin = 0.05 * (top - bottom)
+        ax.set_ylim(bottom - margin, top + margin)
+    ax.set(title="Training loss per step, smoothed", ylabel="loss")
+    _step_axis(ax)
     _legend(ax)
+
+
+def _median_line(steps: np.ndarray, loss, window: int, points: int):
+    """The rolling-median curve as drawn: ``(x, y)``.
+
+    Neighbouring medians of a wide window share nearly all their values, so the curve is smooth
+    at the scale of the window: when the window spans at least 4 of the ``2 * points`` drawing
+    positions, the medians are computed only at up to ``2 * points`` evenly spaced steps, about
+    8 per window (exact values there). A narrower window can have spikes between drawing
+    positions: then every step's median is computed and min/max-binned like the raw loss.
+    """
+    n = len(steps)
+    if window * 2 * points < 4 * n:
+        return minmax_downsample(steps, stats.rolling_median(loss, window).to_numpy(), points)
+    count = min(n, 2 * points, max(8 * n // window, 2))
+    at = np.unique(np.linspace(0, n - 1, count).round().astype(int))
+    return steps[at], stats.rolling_median_at(loss.to_numpy(dtype=float), window, at)
 
 
 def draw_epoch_loss(ax, runs: list[Run], opts: Options) -> None:
@@ -165,7 +194,8 @@ def draw_lr(ax, runs: list[Run], opts: Options) -> None:
                   label=_label(runs, run))
             _mark_resumes(ax, runs, run)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.set(title="Learning rate per step", xlabel=STEP_LABEL, ylabel="learning rate")
+    ax.set(title="Learning rate per step", ylabel="learning rate")
+    _step_axis(ax)
     _legend(ax)
 
 
@@ -177,8 +207,10 @@ def draw_loss_reduction(ax, runs: list[Run], opts: Options) -> None:
                 color=_color(runs, run), label=_label(runs, run))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(title=f"Loss reduction vs initial loss (mean of first {stats.INITIAL_STEPS} steps)",
-           xlabel="epoch", ylabel="% below initial loss")
+    initial = (stats.initial_text(runs[0].steps) if len(runs) == 1 else
+               f"each run's first {stats.INITIAL_STEPS} steps")
+    ax.set(title=f"Loss reduction per epoch vs initial loss ({initial})", xlabel="epoch",
+           ylabel="epoch mean loss, % below initial")
     _legend(ax)
 
 
@@ -208,7 +240,8 @@ def draw_throughput(ax, runs: list[Run], opts: Options) -> None:
             _line(ax, run, "samples_per_s", opts, linewidth=0.6, color=_color(runs, run),
                   label=_label(runs, run))
             _mark_resumes(ax, runs, run)
-    ax.set(title="Throughput per step", xlabel=STEP_LABEL, ylabel="samples/s (all ranks)")
+    ax.set(title="Throughput per step", ylabel="samples/s (all ranks)")
+    _step_axis(ax)
     _legend(ax)
 
 
@@ -221,7 +254,8 @@ def draw_step_time(ax, runs: list[Run], opts: Options) -> None:
                 _line(ax, run, column, opts, linewidth=0.6, color=color, alpha=alpha,
                       label=_label(runs, run, what))
         _mark_resumes(ax, runs, run)
-    ax.set(title="Time per step", xlabel=STEP_LABEL, ylabel="seconds")
+    ax.set(title="Time per step", ylabel="seconds")
+    _step_axis(ax)
     _legend(ax)
 
 
@@ -239,7 +273,8 @@ def _draw_eval(ax, runs: list[Run], metric: str, name: str, with_train: bool) ->
             frame = stats.eval_frame(run, split)
             ax.plot(frame["step"], frame[metric], SPLIT_STYLES.get(split, "-.^"), markersize=4,
                     color=color, label=_label(runs, run, f"{split} {name}"))
-    ax.set(xlabel=STEP_LABEL, ylabel=name)
+    ax.set(ylabel=name)
+    _step_axis(ax)
     _legend(ax)
 
 

@@ -50,8 +50,13 @@ class Run:
     evals: list = field(default_factory=list)  # eval records, later wins per (split, step)
     starts: list = field(default_factory=list)  # "start" events: one per launch, in order
     resumes: list = field(default_factory=list)  # steps at which a launch resumed
-    end: Optional[dict] = None  # the last "end" event; None while running or after a kill
+    end: Optional[dict] = None  # the "end" event of the last launch; None while running/killed
+    preempted: Optional[dict] = None  # the "preempted" event of the last launch, if it had one
     replaced: int = 0  # step records superseded by a later record of the same step
+    split: Optional[str] = None  # the eval split that picks the best eval (--split); None: val
+    # Seconds from the first to the last stamped line of a text log. Its stamps are the training
+    # machine's local time, not comparable with eval.jsonl's unix times, so they stay apart.
+    text_wall_s: Optional[float] = None
 
 
 def load_run(path: str) -> Run:
@@ -60,7 +65,7 @@ def load_run(path: str) -> Run:
     Evals come from the ``eval.jsonl`` next to the file; a text log without one falls back to its
     own ``eval ...`` summary lines (no per-class numbers then). Raises :class:`LogError`.
     """
-    path = _log_file(path)
+    path = _log_file(os.path.normpath(path))
     with open(path, "rb") as f:
         data = f.read()
     head = data.lstrip()[:1]
@@ -75,6 +80,10 @@ def load_run(path: str) -> Run:
     missing = [name for name in REQUIRED_FIELDS if name not in run.steps]
     if missing:
         raise LogError(f"{path}: step records have no {', '.join(missing)} field")
+    if run.steps["loss"].isna().all():
+        raise LogError(f"{path}: no step has a finite loss (every loss is null)")
+    if run.steps["epoch"].isna().any():
+        raise LogError(f"{path}: step records without an epoch")
     eval_path = os.path.join(folder, "eval.jsonl")
     if os.path.isfile(eval_path):
         run.evals = read_evals(eval_path)
@@ -114,11 +123,21 @@ def _parse_metrics(data: bytes) -> Run:
     frames = [frame for frame in frames if len(frame)]
     steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     steps, replaced = later_wins(steps)
-    ends = [e for e in events if e["event"] == "end"]
+    end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps, replaced=replaced,
                starts=[e for e in events if e["event"] == "start"],
                resumes=[int(e["step"]) for e in events if e["event"] == "resume"],
-               end=ends[-1] if ends else None)
+               end=end, preempted=preempted)
+
+
+def _last_launch_outcome(events: list[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """The ``end`` and ``preempted`` events after the last ``start`` (a later launch makes an
+    earlier end or preemption history, not the run's state)."""
+    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    last = events[starts[-1] + 1:] if starts else events
+    ends = [e for e in last if e["event"] == "end"]
+    stops = [e for e in last if e["event"] == "preempted"]
+    return (ends[-1] if ends else None), (stops[-1] if stops else None)
 
 
 def _split_at_events(data: bytes) -> tuple[list[tuple[int, int]], list[dict]]:
@@ -180,6 +199,9 @@ def _parse_steps(chunk: bytes) -> pd.DataFrame:
 
 def _parse_steps_bulk(chunk: bytes) -> pd.DataFrame:
     """Parse a block whose lines all have the first line's keys, in order; ValueError if not."""
+    # A skipped update (fp16 overflow) adds one key to its line; the figures do not use it, and
+    # dropping it keeps the block uniform, so runs with many overflows stay on the fast path.
+    chunk = chunk.replace(b',"skipped":true', b"")
     first_end = chunk.find(b"\n")
     first = json.loads(chunk[:first_end] if first_end != -1 else chunk)
     if not isinstance(first, dict) or not all(
@@ -244,12 +266,13 @@ def read_evals(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- train.log
 
 _STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| "
+_STAMP_LINE = re.compile(_STAMP)
 _STEP_LINE = re.compile(_STAMP + r"step (?P<step>\d+)/(?P<total>\d+) \| (?P<rest>.*)")
 _EVAL_LINE = re.compile(_STAMP + r"eval (?P<split>\S+) step (?P<step>\d+) \| (?P<rest>.*)")
 _RESUME_LINE = re.compile(_STAMP + r"resumed from .* at step (?P<step>\d+)")
 _STOP_LINE = re.compile(_STAMP + r"stopped: (?P<reason>.*)")
 _RUN_LINE = re.compile(
-    _STAMP + r"run \S+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
+    _STAMP + r"run .+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
     r"(?P<batch_size>\d+) x accum (?P<grad_accum>\d+) \| (?P<updates_per_epoch>\d+) "
     r"updates/epoch \| (?P<total_steps>\d+) updates")
 # The parts of a step line after "step N/T", e.g. "epoch 1", "loss 0.3028", "41 img/s".
@@ -263,8 +286,10 @@ def _parse_text_log(data: bytes) -> Run:
     Only every ``log.interval``-th step is in such a log, with rounded values; the numbers are
     what the lines say. Times are the local-time stamps, so only differences are meaningful.
     """
-    steps, evals, starts, resumes, end = [], [], [], [], None
+    steps, evals, starts, resumes, events, stamps = [], [], [], [], [], []
     for line in data.decode("utf-8", errors="replace").splitlines():
+        if m := _STAMP_LINE.match(line):
+            stamps.append(m["stamp"])
         if m := _STEP_LINE.match(line):
             steps.append({"stamp": m["stamp"], "step": int(m["step"]), **_step_parts(m["rest"])})
         elif m := _EVAL_LINE.match(line):
@@ -275,14 +300,21 @@ def _parse_text_log(data: bytes) -> Run:
         elif m := _RUN_LINE.match(line):
             starts.append({k: v if k == "model" else int(v)
                            for k, v in m.groupdict().items() if k != "stamp"})
+            events.append({"event": "start"})
         elif m := _STOP_LINE.match(line):
-            end = {"event": "end", "reason": m["reason"]}
+            # trainer.fit writes "stopped: preempted by SIGTERM" for a stop signal, which has a
+            # "preempted" event in metrics.jsonl instead of "end".
+            kind = "preempted" if m["reason"].startswith("preempted") else "end"
+            events.append({"event": kind, "reason": m["reason"]})
     steps_frame, replaced = later_wins(_with_unix_time(pd.DataFrame(steps)))
     eval_records = _with_unix_time(pd.DataFrame(evals)).to_dict("records")
     latest = {(r["split"], r["step"]): r for r in eval_records}  # later wins here too
+    times = _with_unix_time(pd.DataFrame({"stamp": stamps}))["time"]
+    end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
-               resumes=resumes, end=end,
-               evals=sorted(latest.values(), key=lambda record: record["step"]))
+               resumes=resumes, end=end, preempted=preempted,
+               evals=sorted(latest.values(), key=lambda r: r["step"]),
+               text_wall_s=float(times.max() - times.min()) if stamps else None)
 
 
 def _step_parts(rest: str) -> dict:

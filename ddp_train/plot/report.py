@@ -41,7 +41,8 @@ def run_section(run: Run, opts: Options) -> list[str]:
     evals = stats.eval_frame(run, split) if split else pd.DataFrame()
     best = stats.best_row(evals, opts.best_metric) if len(evals) else None
     best_epoch = None if best is None else stats.eval_at(evals, best)["epoch"]
-    return [f"## {run.name}", "", *_summary(run), *_epoch_table(table, split, best_epoch),
+    return [f"## {run.name}", "", *_summary(run),
+            *_epoch_table(table, split, best_epoch, stats.initial_text(run.steps)),
             *_best_and_final(run, evals, best, opts), *_overfitting(table, evals, split),
             *_per_class(run, opts), "### Observations", "",
             *[f"* {sentence}" for sentence in observations(run, table, evals, best, opts)], ""]
@@ -90,23 +91,26 @@ def _summary(run: Run) -> list[str]:
     if all(start.get(k) for k in ("batch_size", "grad_accum", "world_size")):
         total = start["batch_size"] * start["grad_accum"] * start["world_size"]
         rows.append(["batch", f"{start['batch_size']} per rank × {start['grad_accum']} "
-                              f"accumulation × {start['world_size']} rank(s) = {total:,} per step"])
+                              f"accumulation × {start['world_size']} rank(s) = "
+                              f"{total:,} per step"])
     last = int(steps["step"].iloc[-1])
     planned = f" of {start['total_steps']:,} planned" if start.get("total_steps") else ""
     rows += [["steps", f"{last:,}{planned}; {len(steps):,} logged, epochs "
                        f"{steps['epoch'].iloc[0]}–{steps['epoch'].iloc[-1]}"],
              ["launches", _launches(run)],
-             ["wall time", f"{_duration(stats.wall_time(run))} (first to last record)"]]
+             ["wall time", f"{_duration(stats.wall_time(run))} (first to last "
+                           f"{'stamped line' if run.text_wall_s is not None else 'record'})"]]
     speed = stats.throughput(steps)
     if "median" in speed:
         rows.append(["throughput", f"median {speed['median']:,.0f} samples/s (5th–95th "
                                    f"percentile {speed['p5']:,.0f}–{speed['p95']:,.0f})"])
     if "step_s" in speed:
-        rows.append(["step time", f"mean {speed['step_s']:.3f} s; {_duration(speed['step_s_total'])}"
-                                  " in logged steps"])
-    rows.append(["end", run.end.get("reason", "end record") if run.end else
-                 "no end record: still running, or killed"])
-    rows.append(["log", f"`{run.source}`"])
+        rows.append(["step time", f"mean {speed['step_s']:.3f} s; "
+                                  f"{_duration(speed['step_s_total'])} in logged steps"])
+    rows.append(["end", _outcome(run)])
+    sparse = (" (a text log: one line every `log.interval` steps, values rounded as printed)"
+              if run.text_wall_s is not None else "")
+    rows.append(["log", f"`{run.source}`{sparse}"])
     return ["### Run summary", "", *_table(["", ""], [r for r in rows if r[1]])]
 
 
@@ -114,11 +118,12 @@ def _launches(run: Run) -> str:
     if not run.resumes:
         return "1 (never resumed)"
     text = f"{len(run.resumes) + 1}: resumed at step {', '.join(f'{s:,}' for s in run.resumes)}"
-    return text + f"; {run.replaced:,} repeated step records replaced by the later ones"
+    return text + f"; {run.replaced:,} repeated step record(s) replaced by the later ones"
 
 
-def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional[int]) -> list[str]:
-    header = ["epoch", "steps", "train loss (mean)", "min", "max", "below initial"]
+def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional[int],
+                 initial: str) -> list[str]:
+    header = ["epoch", "steps logged", "train loss (mean)", "min", "max", "below initial"]
     if split:
         header += [f"{split} loss", f"{split} acc", f"{split} macro-F1",
                    f"{split} − train loss"]
@@ -133,8 +138,8 @@ def _epoch_table(table: pd.DataFrame, split: Optional[str], best_epoch: Optional
         rows.append(cells)
     note = (f"Each epoch shows its last {split} eval; **(best)** marks the epoch of the best one. "
             if split else "No eval.jsonl: train loss only. ")
-    note += (f"\"below initial\" compares the epoch's mean loss with the initial loss (the mean "
-             f"of the first {stats.INITIAL_STEPS} logged steps).")
+    note += (f"\"below initial\" compares the epoch's mean loss with the initial loss "
+             f"({initial}).")
     return ["### Per epoch", "", *_table(header, rows), note, ""]
 
 
@@ -219,8 +224,8 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
     last_epoch = table.index[-1]
     reduction = table["reduction_pct"].iloc[-1]
     out.append(f"Train loss {'fell' if reduction >= 0 else 'rose'} {abs(reduction):.1f}% from "
-               f"{stats.initial_loss(steps):.4f} (mean of the first {stats.INITIAL_STEPS} logged "
-               f"steps) to {table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
+               f"{stats.initial_loss(steps):.4f} ({stats.initial_text(steps)}) to "
+               f"{table['mean'].iloc[-1]:.4f} (mean of epoch {last_epoch}).")
     if best is not None:
         split = stats.main_split(run)
         row, last = stats.eval_at(evals, best), stats.eval_at(evals, -1)
@@ -236,7 +241,7 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
                    f"{_num(last['acc'])}, macro-F1 {_num(last['macro_f1'])}.")
     nonfinite = steps["step"][steps["loss"].isna()]
     if len(nonfinite):
-        out.append(f"{len(nonfinite):,} steps logged a non-finite loss (null), the first at "
+        out.append(f"{len(nonfinite):,} step(s) logged a non-finite loss (null), the first at "
                    f"step {nonfinite.iloc[0]:,}.")
     if run.resumes:
         out.append(f"The run was resumed {len(run.resumes)} time(s); {run.replaced:,} step "
@@ -245,10 +250,27 @@ def observations(run: Run, table: pd.DataFrame, evals: pd.DataFrame, best: Optio
     if "data_share" in speed:
         out.append(f"Steps spent {speed['data_share']:.1%} of their time waiting for data.")
     last_step = int(steps["step"].iloc[-1])
-    out.append(f"Training ended at step {last_step:,}: {run.end['reason']}." if run.end and
-               run.end.get("reason") else f"No end record after step {last_step:,}: the run is "
-               "still going or was killed.")
+    if run.end:
+        out.append(f"Training ended at step {last_step:,}: {run.end.get('reason', 'end record')}.")
+    elif run.preempted:
+        out.append(f"The last launch was {_outcome(run)}.")
+    else:
+        out.append(f"No end record after step {last_step:,}: the run is still going or was "
+                   "killed.")
     return out
+
+
+def _outcome(run: Run) -> str:
+    """How the last launch ended, from its end / preempted record."""
+    if run.end:
+        return run.end.get("reason", "end record")
+    if run.preempted:
+        # metrics.jsonl: {"event": "preempted", "step", "signal"}; train.log: the stop line.
+        signal, step = run.preempted.get("signal"), run.preempted.get("step")
+        what = run.preempted.get("reason") or "preempted" + (f" by {signal}" if signal else "")
+        where = f" after step {step:,}" if isinstance(step, int) else ""
+        return f"{what}{where}: not finished, resume it to continue"
+    return "no end record: still running, or killed"
 
 
 def _plateau_sentences(evals: pd.DataFrame, split: str) -> list[str]:
@@ -260,12 +282,13 @@ def _plateau_sentences(evals: pd.DataFrame, split: str) -> list[str]:
     epoch = stats.eval_at(evals, row)["epoch"]
     points = stats.PLATEAU_GAIN * 100
     if after >= stats.PLATEAU_EVALS:
-        return [f"{split} accuracy plateaued after epoch {epoch}: the {after} "
+        return [f"{split.capitalize()} accuracy plateaued after epoch {epoch}: the {after} "
                 f"later evals raised its best by at most {points:g} points ({reached:.4f} → "
                 f"{best:.4f})."]
-    return [f"{split} accuracy was still improving: it came within {points:g} points of its "
-            f"best ({best:.4f}) only at epoch {epoch}, "
-            + (f"{after} eval(s) before the end." if after else "the last eval.")]
+    when = (f"{after} eval(s) before the end: too few to call it a plateau" if after else
+            "the last eval: it was still improving")
+    return [f"{split.capitalize()} accuracy came within {points:g} points of its best "
+            f"({best:.4f}) only at epoch {epoch}, {when}."]
 
 
 def _class_extremes(run: Run, opts: Options) -> list[str]:
