@@ -27,6 +27,8 @@ from typing import Any, ContextManager, Iterator, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
+import torch.distributed as tdist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
@@ -90,6 +92,23 @@ class Engine:
     def unwrapped(self) -> nn.Module:
         """The plain model (no DDP / torch.compile wrapper) for evaluation and saving."""
         return unwrap_model(self.model)
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's floating buffers (BatchNorm running stats); all ranks call.
+
+        DDP broadcasts them at the start of each *training* forward, so after the last update
+        every rank holds the stats of its own last batch; evaluating then would mix per-rank
+        models (the trainer calls this before each eval). One flat broadcast per dtype.
+        """
+        if not self.dist.distributed:
+            return
+        buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
+        for dtype in sorted({b.dtype for b in buffers}, key=str):  # same order on every rank
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = _flatten_dense_tensors(group)
+            tdist.broadcast(flat, src=0)
+            for b, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                b.copy_(synced)
 
     @property
     def collective_forward(self) -> bool:

@@ -17,9 +17,7 @@ import os
 from typing import Any, Optional
 
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import checkpoint as ckpt
 from .config import ConfigError
@@ -165,27 +163,14 @@ class DeepSpeedEngine(Engine):
         self.micro_step += 1
         if not boundary:
             return None
-        self._broadcast_buffers()
+        # DeepSpeed does not broadcast buffers (DDP does, in every forward), so each rank's
+        # running stats would follow only its own batches: evaluation would mix per-rank
+        # models, and a resume (DeepSpeed saves rank 0's module) would not continue the other
+        # ranks exactly. One flat broadcast per dtype and update.
+        self.sync_buffers()
         if norm is None:  # ZeRO / mixed precision: the optimizer measured the global norm
             norm = float(self._ds.get_global_grad_norm())
         return StepOutput(grad_norm=norm, skipped=self._ds.skipped_steps > skipped_before)
-
-    def _broadcast_buffers(self) -> None:
-        """Give every rank rank 0's floating buffers (BatchNorm running stats), as DDP does.
-
-        DeepSpeed does not broadcast buffers, so each rank's running stats would follow only its
-        own batches: evaluation would mix per-rank models, and a resume (DeepSpeed saves rank 0's
-        module) would not continue the other ranks exactly. One flat broadcast per dtype/update.
-        """
-        if not self.dist.distributed:
-            return
-        buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
-        for dtype in {b.dtype for b in buffers}:
-            group = [b for b in buffers if b.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
-            tdist.broadcast(flat, src=0)
-            for b, synced in zip(group, _unflatten_dense_tensors(flat, group)):
-                b.copy_(synced)
 
     def save_checkpoint(self, path: str, client_state: dict, meta: dict) -> None:
         """All ranks: DeepSpeed writes folder ``path`` (model, optimizer, ``client_state``).

@@ -283,6 +283,7 @@ class Trainer:
         (ZeRO-3); False for the EMA copy, a plain module.
         """
         loader = self._loader(split, train=False)
+        self.engine.sync_buffers()  # one model on all ranks, not each rank's own BN stats
         return evaluate(model or self.engine.unwrapped, self.watchdog.watch(loader),
                         criterion or self.eval_criterion, num_classes=self.manifest.num_classes,
                         class_names=self.classes, device=self.dist.device, dist=self.dist,
