@@ -101,23 +101,31 @@ def test_demo_trains_on_two_ranks(demo_run, digits):
     assert "eval val" in log and "stopped:" in log
 
 
-def test_best_checkpoint_loads_into_plain_timm(demo_run, digits):
+def _plain_timm_eval(demo_run: str, digits: str, checkpoint: str, split: str) -> tuple:
+    """(summed cross-entropy, correct, count) of a checkpoint loaded into plain timm, one process."""
     import timm
 
     from ddp_train.config import DataConfig
     from ddp_train.data import build_loader
 
-    best = os.path.join(demo_run, "checkpoints", "best.pt")
-    meta = read_json(best + ".json")
+    path = os.path.join(demo_run, "checkpoints", checkpoint)
+    meta = read_json(path + ".json")
     model = timm.create_model(meta["model_name"], num_classes=meta["num_classes"],
-                              checkpoint_path=best).eval()
-    loader = build_loader(DataConfig(shards=digits, num_workers=0), DistInfo(), split="val",
+                              checkpoint_path=path).eval()
+    loader = build_loader(DataConfig(shards=digits, num_workers=0), DistInfo(), split=split,
                           train=False, batch_size=64, seed=0)
-    correct = total = 0
+    loss_sum = correct = total = 0
     with torch.inference_mode():
         for images, labels in loader:
-            correct += (model(images).argmax(1) == labels).sum().item()
+            logits = model(images)
+            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
             total += labels.numel()
+    return loss_sum, correct, total
+
+
+def test_best_checkpoint_loads_into_plain_timm(demo_run, digits):
+    _, correct, total = _plain_timm_eval(demo_run, digits, "best.pt", "val")
     best_acc = max(e["acc"] for e in _records(os.path.join(demo_run, "eval.jsonl"))
                    if e["split"] == "val")
     assert total == _split_size(digits, "val") and correct / total == pytest.approx(best_acc, abs=1e-9)
@@ -126,27 +134,11 @@ def test_best_checkpoint_loads_into_plain_timm(demo_run, digits):
 def test_final_test_eval_on_two_ranks_equals_last_checkpoint_in_one_process(demo_run, digits):
     """After the last update each DDP rank holds its own BatchNorm stats; the trainer's final
     2-rank eval must still be the eval of one model: the one saved in last.pt."""
-    import timm
-
-    from ddp_train.config import DataConfig
-    from ddp_train.data import build_loader
-
-    last = os.path.join(demo_run, "checkpoints", "last.pt")
-    meta = read_json(last + ".json")
-    model = timm.create_model(meta["model_name"], num_classes=meta["num_classes"],
-                              checkpoint_path=last).eval()
-    loader = build_loader(DataConfig(shards=digits, num_workers=0), DistInfo(), split="test",
-                          train=False, batch_size=64, seed=0)
-    loss_sum = correct = 0.0
-    with torch.inference_mode():
-        for images, labels in loader:
-            logits = model(images)
-            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
+    loss_sum, correct, total = _plain_timm_eval(demo_run, digits, "last.pt", "test")
     test = [e for e in _records(os.path.join(demo_run, "eval.jsonl")) if e["split"] == "test"][0]
-    n = _split_size(digits, "test")
-    assert test["acc"] == pytest.approx(correct / n, abs=1e-9)
-    assert test["loss"] == pytest.approx(loss_sum / n, rel=1e-5)
+    assert total == test["count"] == _split_size(digits, "test")
+    assert test["acc"] == pytest.approx(correct / total, abs=1e-9)
+    assert test["loss"] == pytest.approx(loss_sum / total, rel=1e-5)
 
 
 def test_resume_from_step_checkpoint_continues_exactly(demo_run, digits, tmp_path):
