@@ -1,7 +1,7 @@
 """Loader benchmark: ddp-train's shard stream vs a bare decode loop vs torchvision ImageFolder.
 
-Full run (about 1 minute on the 2-core shared VM, 48-72 s measured; the first run also writes
-and packs the images into ``--workdir``: 3.5 minutes in all under a load average of 5)::
+Full run (~40 s on a 2-vCPU VM; the first run also writes and packs the images into
+``--workdir``: 3.5 minutes in all under a load average of 5)::
 
     .venv/bin/python bench/loader.py
 
