@@ -4,8 +4,9 @@ Hand-written on purpose: webdataset reads shards through Python's ``tarfile`` mo
 costs ~0.09 ms per member here (3 members per sample: ``jpg``, ``cls``, ``json``) — a quarter
 of the per-image work of a 64 px pipeline (bench/loader.py, docs/benchmarks.md). This parser
 reads the stream in 1 MiB chunks and slices headers and members out of them; with the checksum
-computed by zlib it costs ~2 us per member instead of tarfile's ~90 (and ~6 of a first version
-that read each header, member and padding separately and summed the header in Python). Sample
+computed by zlib it costs ~3.5 us per member instead of tarfile's ~90 (and ~6 for a first
+version that read each header, member and padding separately and summed the header in Python,
+bench numbers in docs/benchmarks.md). Sample
 grouping follows webdataset exactly: consecutive members sharing the part of the path before the
 first dot of the file name form one sample (``base_plus_ext``'s regex), extensions lower-cased,
 ``__key__`` set, ``__*__`` metadata files skipped. Opening the stream (local path, URL,
