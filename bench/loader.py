@@ -1,7 +1,7 @@
 """Loader benchmark: ddp-train's shard stream vs a bare decode loop vs torchvision ImageFolder.
 
-Full run (about 1 minute on the 2-core shared VM, 48-72 s measured; the first run also writes
-and packs the images into ``--workdir``: 3.5 minutes in all under a load average of 5)::
+Full run (~40 s on a 2-vCPU VM; the first run also writes and packs the images into
+``--workdir``: 3.5 minutes in all under a load average of 5)::
 
     .venv/bin/python bench/loader.py
 
@@ -17,9 +17,11 @@ transform (``build_transform(DataConfig(image_size=64), train=True)``) it measur
   (c) ddp-train's shard stream, ``build_loader(..., train=True)`` (same workers, batch 32),
 
 plus the time to the first batch of (b) and (c), and of (c) resumed at 90% of an epoch versus
-at 0%. The machine is shared and noisy, so the variants run interleaved (a-b-c, a-b-c, ...;
-resume 0%-90%-0%-90%...) and every number is a median compared with a baseline from this same
-run. Throughput is steady state: images after the first batch / time from the first to the last
+at 0%. The machine is shared and noisy, and its speed drifts by 10-20% within seconds, so the
+variants run interleaved (a-b-c, a-c-b, a-b-c, ...: the order of (b) and (c) alternates;
+resume 0%-90%-0%-90%...), and the ratios are paired: each round's (c) is compared with the (a)
+and (b) of the same round, and the table gives the median of those per-round ratios.
+Throughput is steady state: images after the first batch / time from the first to the last
 batch, so worker start-up is counted once, in the time to first batch.
 
 Wall-clock rates on a shared 2-core machine mostly measure the other jobs (two workers need two
@@ -221,6 +223,12 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):8.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def paired(res: dict[str, list[float]], num: str, den: str, scale: float = 1.0) -> list[float]:
+    """Per-round ratios ``num / den``: both measured seconds apart, so the drift of the
+    machine's speed between rounds cancels (a ratio of medians would mix rounds)."""
+    return [n / scale / d for n, d in zip(res[num], res[den])]
+
+
 def report(res: dict[str, list[float]], workers: int) -> None:
     """Print the medians, the ratios against the in-run baselines, and PASS/MISS per target."""
     med = {k: statistics.median(v) for k, v in res.items()}
@@ -238,17 +246,22 @@ def report(res: dict[str, list[float]], workers: int) -> None:
                       ("resume0", "(c) resumed at 0%"), ("resume90", "(c) resumed at 90%")):
         print(f"  {name:36s}{spread([v * 1000 for v in res[key]])}")
 
-    rows = [("(c)/worker vs (a) bare loop", med["c"] / workers / med["a"], 0.95, True),
-            ("(c) vs (b) torchvision", med["c"] / med["b"], 1.0, True),
-            ("resume@90% vs resume@0% first batch", med["resume90"] / med["resume0"], 1.1, False),
-            ("(c) vs (b) first batch (info)", med["ttfb_c"] / med["ttfb_b"], None, False),
-            ("CPU view: (c) vs (a) per CPU-second", med["cpu_c"] / med["cpu_a"], 0.95, True),
-            ("CPU view: (c) vs (b) per CPU-second", med["cpu_c"] / med["cpu_b"], 1.0, True)]
-    print(f"\n{'comparison (ratios of medians)':40s}{'ratio':>8s}{'target':>10s}  result")
-    for name, ratio, target, higher in rows:
+    # throughput ratios: median of per-round ratios; first-batch times: ratios of medians (the
+    # resume pairs are not rounds)
+    rows = [("(c)/worker vs (a) bare loop", paired(res, "c", "a", workers), 0.95, True),
+            ("(c) vs (b) torchvision", paired(res, "c", "b"), 1.0, True),
+            ("resume@90% vs resume@0% first batch", [med["resume90"] / med["resume0"]], 1.1,
+             False),
+            ("(c) vs (b) first batch (info)", [med["ttfb_c"] / med["ttfb_b"]], None, False),
+            ("CPU view: (c) vs (a) per CPU-second", paired(res, "cpu_c", "cpu_a"), 0.95, True),
+            ("CPU view: (c) vs (b) per CPU-second", paired(res, "cpu_c", "cpu_b"), 1.0, True)]
+    print(f"\n{'comparison':40s}{'ratio':>8s}{'target':>10s}  result  (min-max over rounds)")
+    for name, ratios, target, higher in rows:
+        ratio = statistics.median(ratios)
         goal = "" if target is None else (">= " if higher else "<= ") + f"{target:.2f}"
         result = "-" if target is None else verdict(ratio, target, higher)
-        print(f"{name:40s}{ratio:8.3f}{goal:>10s}  {result}")
+        span = f"  ({min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else ""
+        print(f"{name:40s}{ratio:8.3f}{goal:>10s}  {result:6s}{span}".rstrip())
 
 
 # ----------------------------------------------------------------------------- main
@@ -260,7 +273,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2, help="loader workers for (b) and (c)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="a-b-c repeats (medians over them)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="a-b-c / a-c-b repeats (medians over them)")
     parser.add_argument("--resume-reps", type=int, default=7, help="0%%/90%% resume pairs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1,000 images, 1 round, 2 resume pairs")
@@ -289,9 +303,10 @@ def main() -> None:
         rate, cpu = bare_loop(files, transform)
         res["a"].append(rate)
         res["cpu_a"].append(cpu)
-        for key, loader in (("b", torchvision_loader(images, transform, args.workers,
-                                                     args.batch)),
-                            ("c", shard_loader(shards, args.workers, args.batch, epoch=r))):
+        variants = ["b", "c"] if r % 2 == 0 else ["c", "b"]  # neither always runs first
+        for key in variants:
+            loader = (torchvision_loader(images, transform, args.workers, args.batch)
+                      if key == "b" else shard_loader(shards, args.workers, args.batch, epoch=r))
             ttfb, rate, cpu = time_batches(loader, batches)
             res[key].append(rate)
             res["cpu_" + key].append(cpu)

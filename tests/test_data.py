@@ -7,6 +7,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, read_json, run_torchrun
 from ddp_train.config import DataConfig
@@ -92,6 +93,9 @@ def test_more_workers_than_shards(tmp_path):
                          batch_size=2, seed=0)
     batches = list(train)
     assert len(batches) == len(train) == 5
+    # workers send labels as a list; the loader hands out the same int64 tensor as before
+    assert all(y.dtype == torch.int64 and y.shape == (2,) and x.shape[0] == 2
+               for x, y in batches)
     val = build_loader(cfg, DistInfo(rank=1, world_size=2), split="val", train=False,
                        batch_size=2, seed=0)
     assert sorted(_ids(val)) == [25, 26, 27]

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 
 import pytest
 import webdataset as wds
 
-from ddp_train.data.tar import TarFormatError, tar_samples
+from ddp_train.data.tar import CHUNK, TarFormatError, _checksum, tar_samples
 from shardgen import write_shards
 
 
@@ -90,3 +91,25 @@ class _Trickle(io.RawIOBase):
 def test_short_reads(tmp_path):
     data = _tar(MEMBERS)
     assert list(tar_samples(_Trickle(data))) == _webdataset(data, tmp_path)
+
+
+def test_checksum_is_the_byte_sum():
+    """The zlib-based checksum equals the tar definition, also for extreme headers."""
+    rng = random.Random(0)
+    headers = [bytes(512), b"\xff" * 512] + [rng.randbytes(512) for _ in range(200)]
+    for h in headers:
+        assert _checksum(h) == sum(h[:148]) + 8 * 0x20 + sum(h[156:])
+
+
+def test_members_across_read_chunks(tmp_path):
+    """Members that straddle the reader's chunk boundaries, or are larger than a chunk, come out
+    whole; also when the stream returns short reads."""
+    rng = random.Random(1)
+    members = []
+    for i in range(12):  # ~3.5 chunks in all, with random sizes and so random boundaries
+        size = CHUNK * 2 + 7 if i == 5 else rng.randrange(1, CHUNK // 3)
+        members += [(f"s{i:02d}.bin", rng.randbytes(size)), (f"s{i:02d}.cls", b"%d" % i)]
+    data = _tar(members)
+    expected = _webdataset(data, tmp_path)
+    assert list(tar_samples(io.BytesIO(data))) == expected
+    assert list(tar_samples(_Trickle(data))) == expected

@@ -58,9 +58,9 @@ class ShardLoader:
                             # round-robin order is what the resume math relies on
                             in_order=True,
                             worker_init_fn=ignore_stop_signals if self.num_workers else None)
-        for batch in loader:
+        for inputs, labels in loader:
             self.consumed += 1
-            yield batch
+            yield inputs, torch.tensor(labels)  # workers send a list (stream.collate says why)
         if self.stream.train:
             self.set_epoch(self.epoch + 1)
         else:
