@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .config import ConfigError
 
@@ -176,6 +177,21 @@ def broadcast_object(info: DistInfo, obj: Any) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_tensors(info: DistInfo, tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (e.g. BatchNorm buffers).
+
+    One flat broadcast per dtype instead of one per tensor: a ResNet has ~100 small buffers.
+    """
+    if not info.distributed:
+        return
+    for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = _flatten_dense_tensors(group)
+        tdist.broadcast(flat, src=0)
+        for t, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(synced)
 
 
 def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.distributed as tdist
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from .config import ConfigError, EmaConfig
-from .dist import DistInfo
+from .dist import DistInfo, broadcast_tensors
 
 
 class NoEma:
@@ -55,10 +54,7 @@ class WeightsEma(NoEma):
         self.ema.update(model, step=step)
 
     def sync(self) -> None:
-        if not self.dist.distributed:
-            return
-        for buffer in self.module.buffers():
-            tdist.broadcast(buffer, src=0)
+        broadcast_tensors(self.dist, list(self.module.buffers()))
 
     def state_dict(self) -> Optional[dict[str, Any]]:
         return self.module.state_dict()

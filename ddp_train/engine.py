@@ -27,13 +27,11 @@ from typing import Any, ContextManager, Iterator, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
-import torch.distributed as tdist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import ConfigError, EngineConfig
-from .dist import DistInfo
+from .dist import DistInfo, broadcast_tensors
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,15 +98,7 @@ class Engine:
         every rank holds the stats of its own last batch; evaluating then would mix per-rank
         models (the trainer calls this before each eval). One flat broadcast per dtype.
         """
-        if not self.dist.distributed:
-            return
-        buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
-        for dtype in sorted({b.dtype for b in buffers}, key=str):  # same order on every rank
-            group = [b for b in buffers if b.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
-            tdist.broadcast(flat, src=0)
-            for b, synced in zip(group, _unflatten_dense_tensors(flat, group)):
-                b.copy_(synced)
+        broadcast_tensors(self.dist, self._buffers)
 
     @property
     def collective_forward(self) -> bool:

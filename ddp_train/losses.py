@@ -21,6 +21,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from .config import AugmentConfig, ConfigError, LossConfig
+from .config.recipes import check_mixing_batch, check_mixing_loss
 
 
 def class_weights(spec, class_counts: Sequence[int], num_classes: int) -> Optional[torch.Tensor]:
@@ -75,11 +76,7 @@ def build_criterion(cfg: LossConfig, *, class_counts: Sequence[int], num_classes
                     mixing: bool, device: torch.device) -> nn.Module:
     """The training loss for ``cfg``; ``mixing`` says the targets arrive soft (mixup/cutmix)."""
     if mixing:
-        if cfg.weighted or cfg.focal_gamma:
-            key = "loss.class_weights" if cfg.weighted else "loss.focal_gamma"
-            raise ConfigError(f"{key}: cannot be combined with mixup/cutmix (timm's "
-                              "SoftTargetCrossEntropy has no per-class factor); use "
-                              "data.class_balance to rebalance by sampling instead")
+        check_mixing_loss(cfg)
         return SoftTargetCrossEntropy()
     weight = class_weights(cfg.class_weights, class_counts, num_classes)
     if weight is not None:
@@ -123,7 +120,5 @@ def build_mixup(cfg: AugmentConfig, loss: LossConfig, *, num_classes: int,
     """A :class:`BatchMixup` when ``cfg`` mixes, else the pass-through :class:`NoMixup`."""
     if not cfg.mixing:
         return NoMixup()
-    if batch_size % 2:
-        raise ConfigError(f"train.batch_size: {batch_size} is odd; mixup/cutmix pair each sample "
-                          "with the batch reversed and need an even batch")
+    check_mixing_batch(batch_size)
     return BatchMixup(cfg, loss.label_smoothing, num_classes)

@@ -276,19 +276,22 @@ class Trainer:
     def _has(self, split: str) -> bool:
         return split in self.manifest.splits and self.manifest.splits[split].num_samples > 0
 
-    def _evaluate(self, split: str, model=None, criterion=None, collective: bool = True) -> dict:
-        """Metrics of ``model`` (default: the bare model) on ``split``, each sample once.
-
-        ``collective``: ``model`` wraps the engine's model, whose forward may be a collective
-        (ZeRO-3); False for the EMA copy, a plain module.
-        """
+    def _evaluate(self, split: str, model=None, criterion=None, ema: bool = False) -> dict:
+        """Metrics of ``model`` on ``split``, each sample once. ``model`` defaults to the bare
+        model (or, with ``ema``, its EMA copy) and may wrap it (TTA, temperature)."""
         loader = self._loader(split, train=False)
-        self.engine.sync_buffers()  # one model on all ranks, not each rank's own BN stats
-        return evaluate(model or self.engine.unwrapped, self.watchdog.watch(loader),
+        if ema:
+            self.ema.sync()
+        else:
+            self.engine.sync_buffers()  # one model on all ranks, not each rank's own BN stats
+        if model is None:
+            model = self.ema.module if ema else self.engine.unwrapped
+        return evaluate(model, self.watchdog.watch(loader),
                         criterion or self.eval_criterion, num_classes=self.manifest.num_classes,
                         class_names=self.classes, device=self.dist.device, dist=self.dist,
                         autocast=self.engine_autocast,
-                        equal_forwards=self.engine.collective_forward and collective)
+                        # the EMA copy is a plain module: its forward is never collective
+                        equal_forwards=self.engine.collective_forward and not ema)
 
     def run_eval(self, split: str, ema: bool = False, final: bool = False) -> dict:
         """Evaluate the current weights (or their EMA, logged as ``<split>_ema``) on ``split``
@@ -298,15 +301,13 @@ class Trainer:
         model's logits by the fitted temperature (fitted on the model, so not for the EMA), as
         ``ddp-train eval`` would.
         """
-        if ema:
-            self.ema.sync()
         model, extra = self.ema.module if ema else self.engine.unwrapped, {}
         if final and self.cfg.tta.at_test:
             model, extra["tta"] = TTAModel(model, self.cfg.tta), True
         if final and self.temperature is not None and not ema:
             model = calibrate.TemperatureScaled(model, self.temperature)
             extra["temperature"] = self.temperature
-        metrics = self._evaluate(split, model, collective=not ema)
+        metrics = self._evaluate(split, model, ema=ema)
         self.log.log_eval({"split": f"{split}_ema" if ema else split, "step": self.progress.step,
                            "epoch": self.progress.epoch, **metrics, **extra})
         return metrics

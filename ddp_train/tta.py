@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 from .config import TTAConfig
 
@@ -23,9 +23,9 @@ def zoom(images: torch.Tensor, scale: float) -> torch.Tensor:
         return images
     h, w = images.shape[-2:]
     ch, cw = max(1, round(h / scale)), max(1, round(w / scale))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = images[..., top:top + ch, left:left + cw]
-    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+    # Upsampling only (scale >= 1): bilinear without antialiasing, as an eval resize would.
+    return TF.resized_crop(images, (h - ch) // 2, (w - cw) // 2, ch, cw, [h, w],
+                           antialias=False)
 
 
 def _with_image(inputs: Any, image: torch.Tensor) -> Any:

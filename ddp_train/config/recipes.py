@@ -99,19 +99,29 @@ class EmaConfig:
         return self.decay > 0
 
 
+def check_mixing_loss(loss: LossConfig) -> None:
+    """Mixup/cutmix make the targets soft: a per-class loss factor has no class to read."""
+    for key, on in (("loss.class_weights", loss.weighted),
+                    ("loss.focal_gamma", loss.focal_gamma > 0)):
+        check(not on, key, "cannot be combined with mixup/cutmix (timm's "
+              "SoftTargetCrossEntropy has no per-class factor); use data.class_balance to "
+              "rebalance by sampling instead")
+
+
+def check_mixing_batch(batch_size: int) -> None:
+    """timm's Mixup pairs each sample with the batch reversed."""
+    check(batch_size % 2 == 0, "train.batch_size",
+          f"{batch_size} is odd; mixup/cutmix pair each sample with the batch reversed and need "
+          "an even batch")
+
+
 def check_recipe_keys(cfg) -> None:
     """Checks across sections, run when the whole Config is built (before any run folder)."""
     check(not cfg.early_stop.use_ema or cfg.ema.enabled, "early_stop.use_ema",
           "needs an EMA to select on: set ema.decay (e.g. 0.9999)")
     if cfg.augment.mixing:
-        for key, on in (("loss.class_weights", cfg.loss.weighted),
-                        ("loss.focal_gamma", cfg.loss.focal_gamma > 0)):
-            check(not on, key, "cannot be combined with mixup/cutmix (timm's "
-                  "SoftTargetCrossEntropy has no per-class factor); use data.class_balance to "
-                  "rebalance by sampling instead")
+        check_mixing_loss(cfg.loss)
         check(not cfg.data.extras, "augment.mixup_alpha",
               "mixup/cutmix mix images only; with data.extras (multimodal inputs) the sensor and "
               "env features would keep one sample's values under a blend of two images")
-        check(cfg.train.batch_size % 2 == 0, "train.batch_size",
-              f"{cfg.train.batch_size} is odd; mixup/cutmix pair each sample with the batch "
-              "reversed and need an even batch")
+        check_mixing_batch(cfg.train.batch_size)
