@@ -242,33 +242,25 @@ def _image_samples(loaded: Loaded, files: list[str]) -> Iterator[tuple[dict, Any
 
 
 def _shard_samples(loaded: Loaded, shards: str, split: str) -> Iterator[tuple[dict, Any]]:
-    import webdataset as wds
-
+    """Every sample of ``split`` in shard order, read and decoded by training's own stream stages
+    (unreadable samples are logged and skipped, as in eval), with its key and true label."""
     from .data import build_transform
     from .data.loader import extra_specs
-    from .data.stream import decode_sample
-    from .data.tar import tar_samples
-    from .shards import extras as extra_members
+    from .data.stream import ProblemLog, decode_and_transform, read_positions
 
     manifest = _manifest(shards, loaded)
     try:
         urls, specs = manifest.urls(split), extra_specs(manifest, list(loaded.inputs))
+        lengths = list(manifest.split(split).shard_lengths)
     except ValueError as e:
         raise InferenceError(str(e)) from None
-    transform = build_transform(loaded.cfg.data, train=False)
-    for url in urls:
-        with wds.gopen(url, "rb") as stream:
-            for raw in tar_samples(stream):
-                try:
-                    image, label = decode_sample(raw)
-                    inputs = transform(image)
-                    if specs:
-                        inputs = {"image": inputs, **{n: extra_members.decode(raw[s["member"]], s)
-                                                      for n, s in specs.items()}}
-                except Exception as e:  # as in training: an unreadable sample is skipped, named
-                    print(f"skipping {raw.get('__key__')} in {url}: {e!r}", file=sys.stderr)
-                    continue
-                yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
+    transform, problems = build_transform(loaded.cfg.data, train=False), ProblemLog()
+    for pos, raw in read_positions(urls, lengths, list(range(len(urls))), 0, sum(lengths),
+                                   problems):
+        # one sample at a time so each output stays paired with its raw sample's key
+        for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, 0, 0, False,
+                                                  problems, specs):
+            yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
 
 
 def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str = "test",
