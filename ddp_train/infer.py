@@ -286,18 +286,15 @@ def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str 
     try:
         writer = csv.writer(f)
         writer.writerow(first + ["label"] + [f"prob_{c}" for c in loaded.classes])
-        batch: list = []
-        for sample in itertools.chain(samples, [None]):  # None flushes the last partial batch
-            if sample is not None:
-                batch.append(sample)
-            if batch and (sample is None or len(batch) == batch_size):
-                with torch.inference_mode():
-                    inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
-                    probs = torch.softmax(model(inputs), dim=1).cpu()
-                for (ids, _), p in zip(batch, probs):
-                    writer.writerow([ids[k] for k in first] + [loaded.classes[int(p.argmax())]]
-                                    + [f"{v:.6f}" for v in p.tolist()])
-                rows, batch = rows + len(batch), []
+        # batches of up to batch_size samples until the iterator is exhausted (the last partial)
+        for batch in iter(lambda: list(itertools.islice(samples, batch_size)), []):
+            with torch.inference_mode():
+                inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
+                probs = torch.softmax(model(inputs), dim=1).cpu()
+            for (ids, _), p in zip(batch, probs):
+                writer.writerow([ids[k] for k in first] + [loaded.classes[int(p.argmax())]]
+                                + [f"{v:.6f}" for v in p.tolist()])
+            rows += len(batch)
     finally:
         if f is not sys.stdout:
             f.close()
