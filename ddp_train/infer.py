@@ -186,7 +186,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, *, split: str = "test", tt
     bins = loaded.cfg.calibration.bins
     rep = calibrate.report(logits, targets, temperature, bins)
     metrics.update(checkpoint=loaded.path, shards=shards, split=split, temperature=temperature,
-                   tta_views=len(tta_cfg.scales) * (1 + tta_cfg.hflip) if tta_cfg else 1,
+                   tta_views=model.model.num_views if tta_cfg else 1,  # model: T(TTA(net))
                    nll=rep["nll_after"], ece=rep["ece_after"],
                    nll_uncalibrated=rep["nll_before"], ece_uncalibrated=rep["ece_before"])
     return metrics
