@@ -186,7 +186,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, *, split: str = "test", tt
     bins = loaded.cfg.calibration.bins
     rep = calibrate.report(logits, targets, temperature, bins)
     metrics.update(checkpoint=loaded.path, shards=shards, split=split, temperature=temperature,
-                   tta_views=len(tta_cfg.scales) * (1 + tta_cfg.hflip) if tta_cfg else 1,
+                   tta_views=model.model.num_views if tta_cfg else 1,  # model: T(TTA(net))
                    nll=rep["nll_after"], ece=rep["ece_after"],
                    nll_uncalibrated=rep["nll_before"], ece_uncalibrated=rep["ece_before"])
     return metrics
@@ -242,33 +242,25 @@ def _image_samples(loaded: Loaded, files: list[str]) -> Iterator[tuple[dict, Any
 
 
 def _shard_samples(loaded: Loaded, shards: str, split: str) -> Iterator[tuple[dict, Any]]:
-    import webdataset as wds
-
+    """Every sample of ``split`` in shard order, read and decoded by training's own stream stages
+    (unreadable samples are logged and skipped, as in eval), with its key and true label."""
     from .data import build_transform
     from .data.loader import extra_specs
-    from .data.stream import decode_sample
-    from .data.tar import tar_samples
-    from .shards import extras as extra_members
+    from .data.stream import ProblemLog, decode_and_transform, read_positions
 
     manifest = _manifest(shards, loaded)
     try:
         urls, specs = manifest.urls(split), extra_specs(manifest, list(loaded.inputs))
+        lengths = list(manifest.split(split).shard_lengths)
     except ValueError as e:
         raise InferenceError(str(e)) from None
-    transform = build_transform(loaded.cfg.data, train=False)
-    for url in urls:
-        with wds.gopen(url, "rb") as stream:
-            for raw in tar_samples(stream):
-                try:
-                    image, label = decode_sample(raw)
-                    inputs = transform(image)
-                    if specs:
-                        inputs = {"image": inputs, **{n: extra_members.decode(raw[s["member"]], s)
-                                                      for n, s in specs.items()}}
-                except Exception as e:  # as in training: an unreadable sample is skipped, named
-                    print(f"skipping {raw.get('__key__')} in {url}: {e!r}", file=sys.stderr)
-                    continue
-                yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
+    transform, problems = build_transform(loaded.cfg.data, train=False), ProblemLog()
+    for pos, raw in read_positions(urls, lengths, list(range(len(urls))), 0, sum(lengths),
+                                   problems):
+        # one sample at a time so each output stays paired with its raw sample's key
+        for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, 0, 0, False,
+                                                  problems, specs):
+            yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
 
 
 def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str = "test",
@@ -294,18 +286,15 @@ def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str 
     try:
         writer = csv.writer(f)
         writer.writerow(first + ["label"] + [f"prob_{c}" for c in loaded.classes])
-        batch: list = []
-        for sample in itertools.chain(samples, [None]):  # None flushes the last partial batch
-            if sample is not None:
-                batch.append(sample)
-            if batch and (sample is None or len(batch) == batch_size):
-                with torch.inference_mode():
-                    inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
-                    probs = torch.softmax(model(inputs), dim=1).cpu()
-                for (ids, _), p in zip(batch, probs):
-                    writer.writerow([ids[k] for k in first] + [loaded.classes[int(p.argmax())]]
-                                    + [f"{v:.6f}" for v in p.tolist()])
-                rows, batch = rows + len(batch), []
+        # batches of up to batch_size samples until the iterator is exhausted (the last partial)
+        for batch in iter(lambda: list(itertools.islice(samples, batch_size)), []):
+            with torch.inference_mode():
+                inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
+                probs = torch.softmax(model(inputs), dim=1).cpu()
+            for (ids, _), p in zip(batch, probs):
+                writer.writerow([ids[k] for k in first] + [loaded.classes[int(p.argmax())]]
+                                + [f"{v:.6f}" for v in p.tolist()])
+            rows += len(batch)
     finally:
         if f is not sys.stdout:
             f.close()
