@@ -371,24 +371,26 @@ def test_split_option_picks_the_ema_evals(tmp_path):
         load_runs([run_dir], "test")
 
 
+def write_launch(run_dir: str, steps: range, stopped: str, event: str, **fields) -> None:
+    """One launch over ``steps`` (resumed when they do not start at 1) that ends with the
+    trainer's ``stopped: ...`` line and the ``event`` record (``end`` or ``preempted``)."""
+    resumed_at = steps[0] - 1
+    log = new_logger(run_dir, resumed_from_step=resumed_at or None)
+    launch_header(log, run_dir, resumed_at, resumed=resumed_at > 0)
+    for step in steps:
+        log.log_step(step_record(step, base_loss(step)))
+    log.info(f"stopped: {stopped}")
+    log.event(event, step=steps[-1], **fields)
+    log.close()
+
+
 def test_preempted_last_launch(tmp_path):
     """A finished run trained further and preempted: the report says so, from either log."""
     run_dir = str(tmp_path / "again")
     os.makedirs(run_dir)
-    log = new_logger(run_dir)
-    launch_header(log, run_dir, 0, resumed=False)
-    for step in range(1, 21):
-        log.log_step(step_record(step, base_loss(step)))
-    log.info("stopped: finished 20 updates")
-    log.event("end", step=20, reason="finished 20 updates")
-    log.close()
-    log = new_logger(run_dir, resumed_from_step=20)
-    launch_header(log, run_dir, 20, resumed=True)
-    for step in range(21, 36):
-        log.log_step(step_record(step, base_loss(step)))
-    log.info("stopped: preempted by SIGTERM")
-    log.event("preempted", step=35, signal="SIGTERM")
-    log.close()
+    write_launch(run_dir, range(1, 21), "finished 20 updates", "end",
+                 reason="finished 20 updates")
+    write_launch(run_dir, range(21, 36), "preempted by SIGTERM", "preempted", signal="SIGTERM")
     expected = {"metrics.jsonl": "preempted by SIGTERM after step 35: not finished",
                 "train.log": "preempted by SIGTERM: not finished"}
     for name, outcome in expected.items():
