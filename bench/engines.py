@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     from ddp_train.config import EngineConfig, OptimConfig
     from ddp_train.dist import setup, teardown
     from ddp_train.engine import build_engine
-    from ddp_train.recipe import build_optimizer
+    from ddp_train.optim import build_optimizer
 
     dist = setup(device="cpu", backend="gloo")
     engines = {}

@@ -85,7 +85,7 @@ def _config(path: str, meta: dict) -> Config:
 def load_checkpoint(path: str, device: str = "auto") -> Loaded:
     """Rebuild the model of checkpoint ``path`` (see the module doc) with its weights loaded."""
     from .export import find_checkpoint
-    from .recipe import build_model
+    from .models import build_model
 
     try:
         path = find_checkpoint(path)

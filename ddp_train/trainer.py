@@ -32,7 +32,8 @@ from .engine import build_engine
 from .guard import NonFiniteGuard, StopSignals, Watchdog, agree
 from .losses import build_criterion, build_mixup
 from .metrics import EarlyStopping, evaluate
-from .recipe import build_model, build_optimizer, build_scheduler, current_lr
+from .models import build_model
+from .optim import build_optimizer, build_scheduler, current_lr
 from .runlog import create_run_dir, make_logger, problems_path, write_config
 from .shards.manifest import load_manifest
 from .tta import TTAModel

@@ -1,17 +1,22 @@
-"""Typed configuration: dataclass sections (``sections``) loaded from YAML + overrides (``load``).
+"""Typed configuration: dataclass sections loaded from YAML + overrides.
 
-Each component receives only its own section (``cfg.data``, ``cfg.engine``, ...).
+``fields`` (error type and field helpers) <- ``sections`` (core sections) and ``recipes`` (loss,
+augmentation, EMA, TTA, calibration) <- ``root`` (:class:`Config`, cross-section checks) <-
+``load`` (YAML, overrides, printing). Each component receives only its own section
+(``cfg.data``, ``cfg.engine``, ...).
 """
+from .fields import ConfigError, doc
 from .load import (annotated_yaml, describe, dump_yaml, from_dict, load_config, parse_override,
                    to_dict)
-from .recipes import AugmentConfig, EmaConfig, LossConfig
-from .sections import (CheckpointConfig, Config, ConfigError, DataConfig, EarlyStopConfig,
-                       EngineConfig, EvalConfig, LogConfig, ModelConfig, OptimConfig, RunConfig,
-                       ScheduleConfig, TrainConfig, WatchdogConfig, doc)
-from .infer import CalibrationConfig, MultimodalConfig, TTAConfig
+from .recipes import AugmentConfig, CalibrationConfig, EmaConfig, LossConfig, TTAConfig
+from .root import Config
+from .sections import (CheckpointConfig, DataConfig, EarlyStopConfig, EngineConfig, EvalConfig,
+                       LogConfig, ModelConfig, MultimodalConfig, OptimConfig, RunConfig,
+                       ScheduleConfig, TrainConfig, WatchdogConfig)
 
-__all__ = ["AugmentConfig", "EmaConfig", "LossConfig", "annotated_yaml", "describe", "dump_yaml", "from_dict", "load_config",
-           "parse_override", "to_dict", "CheckpointConfig", "Config", "ConfigError",
-           "DataConfig", "EarlyStopConfig", "EngineConfig", "EvalConfig", "LogConfig",
-           "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
-           "WatchdogConfig", "doc", "CalibrationConfig", "MultimodalConfig", "TTAConfig"]
+__all__ = ["AugmentConfig", "CalibrationConfig", "CheckpointConfig", "Config", "ConfigError",
+           "DataConfig", "EarlyStopConfig", "EmaConfig", "EngineConfig", "EvalConfig",
+           "LogConfig", "LossConfig", "ModelConfig", "MultimodalConfig", "OptimConfig",
+           "RunConfig", "ScheduleConfig", "TTAConfig", "TrainConfig", "WatchdogConfig",
+           "annotated_yaml", "describe", "doc", "dump_yaml", "from_dict", "load_config",
+           "parse_override", "to_dict"]

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .sections import Config, ConfigError, check
+from .fields import ConfigError, check
+from .root import Config
 
 
 # Keys that moved to another section: old dotted name -> new one (named in the error).

@@ -1,14 +1,15 @@
-"""Config sections for the training recipes: loss (class imbalance), augmentation, weight EMA.
+"""Config sections for the recipes: loss (class imbalance), augmentation, weight EMA, TTA and
+temperature calibration.
 
-Kept apart from ``sections.py`` so the core sections stay short; ``Config`` holds one field per
-section here (``loss``, ``augment``, ``ema``). docs/recipes.md shows them in use.
+Kept apart from ``sections.py`` so the core sections stay short; ``Config`` (``root.py``) holds one
+field per section here. docs/recipes.md shows them in use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Union
 
-from .sections import check, doc, one_of
+from .fields import check, doc, one_of
 
 # First dash-separated token of a timm auto-augment string, and what it selects.
 AUTO_AUGMENT_POLICIES = ("rand", "augmix", "trivial", "original", "originalr", "v0", "v0r", "3a")
@@ -99,6 +100,38 @@ class EmaConfig:
         return self.decay > 0
 
 
+@dataclass
+class TTAConfig:
+    """Test-time augmentation: logits averaged over flipped / zoomed views of each eval batch."""
+
+    hflip: bool = doc(True, "add horizontally flipped views (false for text, digits, "
+                      "orientation-dependent parts)")
+    scales: list[float] = doc([1.0], "zoom factors >= 1: each views the central 1/s of the eval "
+                              "crop resized back to image_size (1.0 = the crop itself)")
+    at_test: bool = doc(False, "use TTA for the end-of-training test eval (ddp-train eval "
+                        "uses it with --tta)")
+
+    def __post_init__(self) -> None:
+        check(len(self.scales) >= 1, "tta.scales", "needs at least one scale")
+        check(all(s >= 1.0 for s in self.scales), "tta.scales",
+              f"{self.scales}: scales must be >= 1 (a zoom-in of the eval crop)")
+
+
+@dataclass
+class CalibrationConfig:
+    """Temperature scaling fitted on held-out logits at the end of training."""
+
+    enabled: bool = doc(False, "fit a temperature on the val split after training; stored in "
+                        "last's checkpoint and applied to the test eval, eval and predict")
+    split: str = doc("", "split the temperature is fitted on ('' = data.val_split)")
+    bins: int = doc(15, "equal-width confidence bins of the expected calibration error (ECE)")
+    max_iter: int = doc(100, "LBFGS iterations of the one-parameter fit")
+
+    def __post_init__(self) -> None:
+        check(self.bins >= 1, "calibration.bins", "must be >= 1")
+        check(self.max_iter >= 1, "calibration.max_iter", "must be >= 1")
+
+
 def check_mixing_loss(loss: LossConfig) -> None:
     """Mixup/cutmix make the targets soft: a per-class loss factor has no class to read."""
     for key, on in (("loss.class_weights", loss.weighted),
@@ -113,15 +146,3 @@ def check_mixing_batch(batch_size: int) -> None:
     check(batch_size % 2 == 0, "train.batch_size",
           f"{batch_size} is odd; mixup/cutmix pair each sample with the batch reversed and need "
           "an even batch")
-
-
-def check_recipe_keys(cfg) -> None:
-    """Checks across sections, run when the whole Config is built (before any run folder)."""
-    check(not cfg.early_stop.use_ema or cfg.ema.enabled, "early_stop.use_ema",
-          "needs an EMA to select on: set ema.decay (e.g. 0.9999)")
-    if cfg.augment.mixing:
-        check_mixing_loss(cfg.loss)
-        check(not cfg.data.extras, "augment.mixup_alpha",
-              "mixup/cutmix mix images only; with data.extras (multimodal inputs) the sensor and "
-              "env features would keep one sample's values under a blend of two images")
-        check_mixing_batch(cfg.train.batch_size)

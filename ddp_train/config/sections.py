@@ -6,32 +6,11 @@ in ``configs/`` show real recipes. Every field carries a one-line doc in its met
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-
-
-class ConfigError(ValueError):
-    """A bad config value or key; the message is one line meant for the user."""
-
-
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default and a one-line doc."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
-
-
-def check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+from .fields import check, doc, one_of
 
 
 @dataclass
@@ -136,6 +115,31 @@ class ModelConfig:
         check(self.num_classes >= 0, "model.num_classes", "must be >= 0")
         check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
         check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+
+
+MULTIMODAL_ABLATIONS = ("none", "image_only", "sensor_only", "no_film")
+
+
+@dataclass
+class MultimodalConfig:
+    """Image + sensor window + environment features: the FiLM fusion model (models/film.py)."""
+
+    enabled: bool = doc(False, "build the fusion model around model.name (needs data.extras: "
+                        "[sensor, env]); batches are dicts {image, sensor, env}")
+    ablation: str = doc("none", "none, image_only, sensor_only or no_film (env features "
+                        "concatenated instead of FiLM)")
+    sensor_encoder: str = doc("conv", "sensor window encoder: conv (1-D convs over time) or mlp")
+    sensor_dim: int = doc(64, "sensor encoder output features")
+    fusion_dim: int = doc(128, "width of the fused features FiLM modulates")
+    env_hidden: int = doc(32, "hidden width of the env MLP that computes FiLM scale/shift")
+    dropout: float = doc(0.1, "dropout before the classifier")
+
+    def __post_init__(self) -> None:
+        one_of(self.ablation, "multimodal.ablation", MULTIMODAL_ABLATIONS)
+        one_of(self.sensor_encoder, "multimodal.sensor_encoder", ("conv", "mlp"))
+        for key in ("sensor_dim", "fusion_dim", "env_hidden"):
+            check(getattr(self, key) >= 1, f"multimodal.{key}", "must be >= 1")
+        check(0 <= self.dropout < 1, "multimodal.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -271,43 +275,3 @@ class WatchdogConfig:
     def __post_init__(self) -> None:
         check(self.timeout == 0 or self.timeout >= 10, "watchdog.timeout",
               f"{self.timeout} s is too short (0 = off, else >= 10)")
-
-
-# Imported here, not at the top: recipes.py and infer.py take doc/check/one_of from this module.
-from .recipes import AugmentConfig, EmaConfig, LossConfig, check_recipe_keys  # noqa: E402
-from .infer import CalibrationConfig, MultimodalConfig, TTAConfig  # noqa: E402
-
-
-@dataclass
-class Config:
-    """The whole run. Each component receives only its own section."""
-
-    seed: int = doc(0, "seed for model init, shuffling and augmentation")
-    run: RunConfig = doc(None, "run folder and resume")
-    data: DataConfig = doc(None, "shards and loader")
-    model: ModelConfig = doc(None, "timm model")
-    train: TrainConfig = doc(None, "training length and step recipe")
-    optim: OptimConfig = doc(None, "optimizer")
-    schedule: ScheduleConfig = doc(None, "learning-rate schedule")
-    engine: EngineConfig = doc(None, "device, precision, DDP")
-    eval: EvalConfig = doc(None, "evaluation")
-    checkpoint: CheckpointConfig = doc(None, "checkpoints")
-    log: LogConfig = doc(None, "logging")
-    early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
-    watchdog: WatchdogConfig = doc(None, "hang detection")
-    loss: LossConfig = doc(None, "training loss: class weights, focal, label smoothing")
-    augment: AugmentConfig = doc(None, "timm augmentation: auto-augment, random erasing, mixup")
-    ema: EmaConfig = doc(None, "moving average of the weights")
-    tta: TTAConfig = doc(None, "test-time augmentation")
-    calibration: CalibrationConfig = doc(None, "temperature scaling")
-    multimodal: MultimodalConfig = doc(None, "image + sensor + env FiLM fusion model")
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
-                setattr(self, f.name, _hint(Config, f.name)())
-        check_recipe_keys(self)
-
-
-def _hint(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]

@@ -1,1 +1,4 @@
-"""Models beyond a plain timm classifier (built by :func:`ddp_train.recipe.build_model`)."""
+"""Models: a timm classifier by name, or the FiLM fusion model (image + sensor + env) around one."""
+from .build import build_model
+
+__all__ = ["build_model"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ddp_train.config import EngineConfig, OptimConfig, ScheduleConfig
 from ddp_train.dist import all_reduce_sum, setup, teardown
 from ddp_train.engine import build_engine
-from ddp_train.recipe import build_optimizer, build_scheduler, current_lr
+from ddp_train.optim import build_optimizer, build_scheduler, current_lr
 
 UPDATES, ACCUM, BATCH, CLIP = 4, 2, 4, 1.0  # BATCH per rank and micro-batch
 VARIANTS = {  # name -> (engine.name, precision, engine.deepspeed)

@@ -18,7 +18,7 @@ from ddp_train.data import build_loader
 from ddp_train.dist import all_gather_objects, setup, teardown
 from ddp_train.engine import build_engine
 from ddp_train.metrics import evaluate
-from ddp_train.recipe import build_optimizer
+from ddp_train.optim import build_optimizer
 
 shards, out = sys.argv[1:3]
 dist = setup(device="cpu", backend="gloo", timeout_s=30)

@@ -1,11 +1,11 @@
-"""Model, optimizer and schedule factories (timm) behave as the config says."""
+"""Optimizer and schedule factories (timm) behave as the config says."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ddp_train.config import ConfigError, ModelConfig, OptimConfig, ScheduleConfig
-from ddp_train.recipe import build_model, build_optimizer, build_scheduler, current_lr
+from ddp_train.config import ConfigError, OptimConfig, ScheduleConfig
+from ddp_train.optim import build_optimizer, build_scheduler, current_lr
 
 
 def _lrs(cfg: ScheduleConfig, updates_per_epoch: int, total: int, lr: float = 1.0) -> list[float]:
@@ -56,28 +56,6 @@ def test_plateau_decays_on_stalled_metric():
                             updates_per_epoch=5, total_updates=50, metric_mode="max")
     again.load_state_dict(state)
     assert again.inner.best == 0.6 and again.inner.num_bad_epochs == state["inner"]["num_bad_epochs"]
-
-
-def test_model_from_local_pretrained_file_adapts_classifier(tmp_path):
-    import timm
-
-    src = timm.create_model("test_resnet", num_classes=5)
-    path = tmp_path / "weights.pth"
-    torch.save(src.state_dict(), path)
-    model = build_model(ModelConfig(name="test_resnet", pretrained=str(path)), num_classes=3)
-    assert model.get_classifier().out_features == 3
-    key = next(k for k in src.state_dict() if "conv" in k)
-    assert torch.equal(model.state_dict()[key], src.state_dict()[key])  # backbone copied
-
-
-@pytest.mark.parametrize("cfg, match", [
-    (ModelConfig(name="not_a_model"), "model.name"),
-    (ModelConfig(name="test_resnet", pretrained="/nonexistent.pth"), "model.pretrained"),
-    (ModelConfig(name="test_resnet", num_classes=4), "model.num_classes"),
-])
-def test_model_errors_name_the_key(cfg, match):
-    with pytest.raises(ConfigError, match=match):
-        build_model(cfg, num_classes=3)
 
 
 def test_optimizers_by_timm_name():

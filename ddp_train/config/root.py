@@ -1,0 +1,61 @@
+"""The root :class:`Config`: one field per section, and the checks that span sections."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from .fields import check, doc
+from .recipes import (AugmentConfig, CalibrationConfig, EmaConfig, LossConfig, TTAConfig,
+                      check_mixing_batch, check_mixing_loss)
+from .sections import (CheckpointConfig, DataConfig, EarlyStopConfig, EngineConfig, EvalConfig,
+                       LogConfig, ModelConfig, MultimodalConfig, OptimConfig, RunConfig,
+                       ScheduleConfig, TrainConfig, WatchdogConfig)
+
+
+@dataclass
+class Config:
+    """The whole run. Each component receives only its own section."""
+
+    seed: int = doc(0, "seed for model init, shuffling and augmentation")
+    run: RunConfig = doc(None, "run folder and resume")
+    data: DataConfig = doc(None, "shards and loader")
+    model: ModelConfig = doc(None, "timm model")
+    train: TrainConfig = doc(None, "training length and step recipe")
+    optim: OptimConfig = doc(None, "optimizer")
+    schedule: ScheduleConfig = doc(None, "learning-rate schedule")
+    engine: EngineConfig = doc(None, "device, precision, DDP")
+    eval: EvalConfig = doc(None, "evaluation")
+    checkpoint: CheckpointConfig = doc(None, "checkpoints")
+    log: LogConfig = doc(None, "logging")
+    early_stop: EarlyStopConfig = doc(None, "model selection and early stopping")
+    watchdog: WatchdogConfig = doc(None, "hang detection")
+    loss: LossConfig = doc(None, "training loss: class weights, focal, label smoothing")
+    augment: AugmentConfig = doc(None, "timm augmentation: auto-augment, random erasing, mixup")
+    ema: EmaConfig = doc(None, "moving average of the weights")
+    tta: TTAConfig = doc(None, "test-time augmentation")
+    calibration: CalibrationConfig = doc(None, "temperature scaling")
+    multimodal: MultimodalConfig = doc(None, "image + sensor + env FiLM fusion model")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
+                setattr(self, f.name, _hint(Config, f.name)())
+        check_across_sections(self)
+
+
+def _hint(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def check_across_sections(cfg: Config) -> None:
+    """Checks that span sections, run when the whole Config is built (before any run folder)."""
+    check(not cfg.early_stop.use_ema or cfg.ema.enabled, "early_stop.use_ema",
+          "needs an EMA to select on: set ema.decay (e.g. 0.9999)")
+    if cfg.augment.mixing:
+        check_mixing_loss(cfg.loss)
+        check(not cfg.data.extras, "augment.mixup_alpha",
+              "mixup/cutmix mix images only; with data.extras (multimodal inputs) the sensor and "
+              "env features would keep one sample's values under a blend of two images")
+        check_mixing_batch(cfg.train.batch_size)
