@@ -258,8 +258,8 @@ def _shard_samples(loaded: Loaded, shards: str, split: str) -> Iterator[tuple[di
     for pos, raw in read_positions(urls, lengths, list(range(len(urls))), 0, sum(lengths),
                                    problems):
         # one sample at a time so each output stays paired with its raw sample's key
-        for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, 0, 0, False,
-                                                  problems, specs):
+        for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, problems,
+                                                  train=False, extras=specs):
             yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
 
 

@@ -22,24 +22,26 @@ from shardgen import random_layout, write_shards
 def test_plan_partitions_positions_exactly(trial):
     rng = random.Random(trial)
     n, world, batch, roles = rng.randint(1, 500), rng.randint(1, 8), rng.randint(1, 9), rng.randint(1, 6)
+    layout = lambda rank, train: plan.RankLayout(num_samples=n, world_size=world, rank=rank,
+                                                 roles=roles, batch_size=batch, train=train)
     # eval: the union of every (rank, role) range is [0, n), no overlap
     seen = []
     for rank in range(world):
         for role in range(roles):
-            r = plan.eval_role_range(n, world, rank, roles, role)
+            r = layout(rank, False).role_range(role)
             seen += range(r.begin, r.end)
     assert sorted(seen) == list(range(n))
     # train: every rank gets steps * batch positions, disjoint, dropping < one global batch
     if n < world * batch:
         with pytest.raises(ValueError, match="fewer than one global batch"):
-            plan.train_steps(n, world, batch)
+            layout(0, True).train_steps()
         return
-    steps = plan.train_steps(n, world, batch)
+    steps = layout(0, True).train_steps()
     seen = []
     for rank in range(world):
         mine = []
         for role in range(roles):
-            r = plan.train_role_range(n, world, rank, batch, roles, role, 0)
+            r = layout(rank, True).role_range(role, consumed_batches=0)
             assert (r.end - r.begin) % batch == 0
             mine += range(r.begin, r.end)
         assert len(mine) == steps * batch
@@ -60,9 +62,9 @@ def test_pieces_cover_ranges_across_shard_boundaries():
 
 
 def test_shard_order_depends_on_seed_and_epoch_only():
-    assert plan.shard_order(50, 1, 2, True) == plan.shard_order(50, 1, 2, True)
-    assert plan.shard_order(50, 1, 2, True) != plan.shard_order(50, 1, 3, True)
-    assert plan.shard_order(5, 1, 2, False) == list(range(5))
+    assert plan.shard_order(50, 1, 2, shuffle=True) == plan.shard_order(50, 1, 2, shuffle=True)
+    assert plan.shard_order(50, 1, 2, shuffle=True) != plan.shard_order(50, 1, 3, shuffle=True)
+    assert plan.shard_order(5, 1, 2, shuffle=False) == list(range(5))
 
 
 # ------------------------------------------------------------------ single process, real I/O

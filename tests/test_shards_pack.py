@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddp_train.shards.__main__ import main
 from ddp_train.shards.manifest import INFO_NAME, PROBLEMS_NAME, load_manifest
-from ddp_train.shards.pack import pack
+from ddp_train.shards.pack import PackSettings, pack
 from helpers_images import CORRUPT_FILES, make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,8 @@ def packed(folder, tmp_path_factory):
     """The folder packed once through the API: (manifest, output folder, broken files)."""
     src, broken = folder
     out = str(tmp_path_factory.mktemp("out") / "imgs")
-    manifest = pack(src, out, shard_size=8, resize=40, workers=2, progress="none")
+    settings = PackSettings(shard_size=8, resize=40, workers=2, progress="none")
+    manifest = pack(src, out, settings=settings)
     return manifest, out, broken
 
 

@@ -33,16 +33,18 @@ class ShardLoader:
         self.consumed = 0  # batches of the current epoch already handed out
 
     @property
+    def layout(self) -> plan.RankLayout:
+        """This rank's layout of the split: what every count below derives from."""
+        return self.stream.layout
+
+    @property
     def num_samples(self) -> int:
         """Samples in the split (from the manifest)."""
-        return sum(self.stream.lengths)
+        return self.layout.num_samples
 
     def __len__(self) -> int:
         """Batches this rank yields in a full epoch (identical on all ranks when training)."""
-        s = self.stream
-        if s.train:
-            return plan.train_steps(self.num_samples, s.world_size, s.batch_size)
-        return plan.eval_batches(self.num_samples, s.world_size, s.rank, s.roles, s.batch_size)
+        return self.layout.batches()
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch."""
@@ -61,27 +63,28 @@ class ShardLoader:
         for inputs, labels in loader:
             self.consumed += 1
             yield inputs, torch.tensor(labels)  # workers send a list (stream.collate says why)
-        if self.stream.train:
+        if self.layout.train:
             self.set_epoch(self.epoch + 1)
         else:
             self.consumed = 0
 
     def state_dict(self) -> dict:
         """Position in the stream: epoch, batches (and samples) this rank has consumed."""
-        s = self.stream
+        layout = self.layout
         epoch, consumed = self.epoch, self.consumed
-        if s.train and consumed >= len(self):  # a finished epoch is the start of the next one
+        if layout.train and consumed >= len(self):  # a finished epoch is the start of the next
             epoch, consumed = epoch + 1, 0
         return {"split": self.split, "epoch": epoch, "batches": consumed,
-                "samples": consumed * s.batch_size, "world_size": s.world_size,
-                "batch_size": s.batch_size, "num_samples": self.num_samples, "seed": s.seed}
+                "samples": consumed * layout.batch_size, "world_size": layout.world_size,
+                "batch_size": layout.batch_size, "num_samples": layout.num_samples,
+                "seed": self.stream.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``. Mid-epoch positions need the same world size, batch size and
         split size; with a different layout the loader restarts at the next epoch boundary."""
-        s = self.stream
+        layout = self.layout
         same = (state["world_size"], state["batch_size"], state["num_samples"]) == (
-            s.world_size, s.batch_size, self.num_samples)
+            layout.world_size, layout.batch_size, layout.num_samples)
         if same:
             self.epoch, self.consumed = int(state["epoch"]), int(state["batches"])
         else:
@@ -124,9 +127,10 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
                  augment: Optional[AugmentConfig] = None) -> ShardLoader:
     """The loader of ``split`` for this rank.
 
-    Pipeline per worker: shard list from ``_info.json`` -> rank range -> worker range -> tar ->
-    (shuffle: shard order + sample blocks, seeded from seed + epoch) -> decode -> timm transform
-    -> batch. ``problems_path`` is the run's problematic-sample log.
+    The rank's :class:`plan.RankLayout` comes from the manifest's shard lengths and ``dist``;
+    each worker then runs :meth:`ShardStream.__iter__` (read its position range -> block
+    shuffle -> decode + timm transform -> batch). ``problems_path`` is the run's
+    problematic-sample log.
     """
     manifest = manifest or load_manifest(cfg.shards)
     info = manifest.split(split)
@@ -137,9 +141,10 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
             raise ValueError("class_balance needs per-class counts (class_counts) in the "
                              f"manifest of {cfg.shards}; repack it with ddp-shards pack")
         class_weights = plan.class_sampling_weights(info.class_counts, cfg.class_balance)
-    stream = ShardStream(manifest.urls(split), list(info.shard_lengths), train=train,
-                         batch_size=batch_size, seed=seed, rank=dist.rank,
-                         world_size=dist.world_size, roles=roles,
+    lengths = list(info.shard_lengths)
+    layout = plan.RankLayout(num_samples=sum(lengths), world_size=dist.world_size,
+                             rank=dist.rank, roles=roles, batch_size=batch_size, train=train)
+    stream = ShardStream(layout, manifest.urls(split), lengths, seed=seed,
                          shuffle_buffer=cfg.shuffle_buffer,
                          transform=build_transform(cfg, train, augment),
                          problems=ProblemLog(problems_path, split), class_weights=class_weights,

@@ -12,6 +12,9 @@ Pure arithmetic on shard lengths, no I/O. This is what makes epochs exact (see d
 * Inside a rank the range is cut into contiguous per-worker ("role") ranges. A train role owns
   whole batches, and the DataLoader's round robin makes rank batch ``i`` come from role
   ``i % K`` — which is how a resumed loader knows where each role stands.
+
+:class:`RankLayout` holds what these counts depend on for one rank and split; its methods are
+the arithmetic (``train_steps``, ``eval_batches``, ``role_range``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class Piece:
     count: int
 
 
-def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+def shard_order(num_shards: int, seed: int, epoch: int, *, shuffle: bool) -> list[int]:
     """The epoch's shard order: identical on every rank (it depends on seed and epoch only)."""
     order = list(range(num_shards))
     if shuffle:
@@ -49,15 +52,6 @@ def pieces(lengths: list[int], order: list[int], begin: int, end: int) -> list[P
         if offset >= end:
             break
     return out
-
-
-def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Batches every rank yields per train epoch (the same on all ranks)."""
-    steps = num_samples // (world_size * batch_size)
-    if steps == 0:
-        raise ValueError(f"train split has {num_samples} samples, fewer than one global batch "
-                         f"({world_size} ranks x {batch_size}); lower train.batch_size")
-    return steps
 
 
 def split_even(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -84,35 +78,67 @@ class RoleRange:
     skip: int  # positions of this range already consumed before a resume (never decoded)
 
 
-def train_role_range(num_samples: int, world_size: int, rank: int, batch_size: int,
-                     roles: int, role: int, consumed_batches: int) -> RoleRange:
-    """Global positions a train role reads this epoch, and how many it skips after a resume."""
-    steps = train_steps(num_samples, world_size, batch_size)
-    per_role = role_batches(steps, roles)
-    rank_begin = rank * steps * batch_size
-    first_batch = sum(per_role[:role])  # roles own contiguous batch blocks of the rank's range
-    begin = rank_begin + first_batch * batch_size
-    end = begin + per_role[role] * batch_size
-    skip = consumed_by_role(consumed_batches, role, roles) * batch_size
-    return RoleRange(begin, end, skip)
+@dataclass(frozen=True)
+class RankLayout:
+    """One rank's data layout for one split: the inputs of every count the plan makes.
 
+    All of it is known from the manifest and the run's settings before a sample is read. The
+    loader's length, its resume state and every worker's range derive from this one value, so
+    they cannot disagree about N, the world size or the batch size.
+    """
 
-def eval_role_range(num_samples: int, world_size: int, rank: int, roles: int,
-                    role: int) -> RoleRange:
-    """Global positions an eval role reads: the rank's even share, cut evenly between roles."""
-    rank_begin, rank_end = split_even(num_samples, world_size, rank)
-    lo, hi = split_even(rank_end - rank_begin, roles, role)
-    return RoleRange(rank_begin + lo, rank_begin + hi, 0)
+    num_samples: int  # N: positions in the split (sum of its shard lengths)
+    world_size: int
+    rank: int
+    roles: int  # K: worker roles per rank (max(1, num_workers))
+    batch_size: int
+    train: bool  # train: equal whole batches per rank; eval: every sample exactly once
 
+    def train_steps(self) -> int:
+        """Batches every rank yields per train epoch (the same on all ranks)."""
+        steps = self.num_samples // (self.world_size * self.batch_size)
+        if steps == 0:
+            raise ValueError(f"train split has {self.num_samples} samples, fewer than one "
+                             f"global batch ({self.world_size} ranks x {self.batch_size}); "
+                             "lower train.batch_size")
+        return steps
 
-def eval_batches(num_samples: int, world_size: int, rank: int, roles: int,
-                 batch_size: int) -> int:
-    """Eval batches this rank yields (ranks may differ by one sample per role; no collectives)."""
-    total = 0
-    for role in range(roles):
-        r = eval_role_range(num_samples, world_size, rank, roles, role)
-        total += -(-(r.end - r.begin) // batch_size)
-    return total
+    def eval_batches(self) -> int:
+        """Eval batches this rank yields (ranks may differ by one sample per role; no
+        collectives)."""
+        total = 0
+        for role in range(self.roles):
+            r = self._eval_role_range(role)
+            total += -(-(r.end - r.begin) // self.batch_size)
+        return total
+
+    def batches(self) -> int:
+        """Batches this rank yields in a full epoch: :meth:`train_steps` or :meth:`eval_batches`."""
+        return self.train_steps() if self.train else self.eval_batches()
+
+    def role_range(self, role: int, consumed_batches: int = 0) -> RoleRange:
+        """Global positions worker role ``role`` reads this epoch, and how many of them it skips
+        because the rank already consumed ``consumed_batches`` batches (train only: eval
+        restarts from its first batch)."""
+        if self.train:
+            return self._train_role_range(role, consumed_batches)
+        return self._eval_role_range(role)
+
+    def _train_role_range(self, role: int, consumed_batches: int) -> RoleRange:
+        steps, batch = self.train_steps(), self.batch_size
+        per_role = role_batches(steps, self.roles)
+        rank_begin = self.rank * steps * batch
+        first_batch = sum(per_role[:role])  # roles own contiguous batch blocks of the rank's range
+        begin = rank_begin + first_batch * batch
+        end = begin + per_role[role] * batch
+        skip = consumed_by_role(consumed_batches, role, self.roles) * batch
+        return RoleRange(begin, end, skip)
+
+    def _eval_role_range(self, role: int) -> RoleRange:
+        # the rank's even share of the split, cut evenly between its roles
+        rank_begin, rank_end = split_even(self.num_samples, self.world_size, self.rank)
+        lo, hi = split_even(rank_end - rank_begin, self.roles, role)
+        return RoleRange(rank_begin + lo, rank_begin + hi, 0)
 
 
 def class_sampling_weights(class_counts: list[int], power: float) -> list[float]:

@@ -101,8 +101,9 @@ def resample_block(chunk: list[tuple[int, Optional[dict]]], class_weights: list[
     return [(chunk[0][0] + k, chunk[i][1]) for k, i in enumerate(picks)]
 
 
-def block_shuffle(items: Iterator[tuple[int, Optional[dict]]], block: int, seed: int, epoch: int,
-                  drop: int, shuffle: bool, class_weights: Optional[list[float]] = None
+def block_shuffle(items: Iterator[tuple[int, Optional[dict]]], block: int, *, seed: int,
+                  epoch: int, drop: int, shuffle: bool,
+                  class_weights: Optional[list[float]] = None
                   ) -> Iterator[tuple[int, Optional[dict]]]:
     """Shuffle raw samples in consecutive blocks of ``block``, then drop the first ``drop``.
 
@@ -154,11 +155,14 @@ def decode_sample(raw: dict) -> tuple[Image.Image, int]:
 
 
 def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform: Callable,
-                         seed: int, epoch: int, train: bool, problems: ProblemLog,
+                         problems: ProblemLog, *, train: bool, seed: int = 0, epoch: int = 0,
                          extras: Optional[dict] = None) -> Iterator[tuple[object, int]]:
     """Decode image + label and apply the transform. Unreadable samples are logged; in training
     the next good sample is repeated in their place so every rank keeps its exact batch count
     (a short rank would hang DDP), in eval they are dropped (eval has no collectives).
+
+    ``train`` also seeds the augmentation RNGs per sample from ``(seed, epoch, position)``;
+    eval transforms are deterministic, so ``seed`` and ``epoch`` only matter in training.
 
     With ``extras`` ({name: manifest spec}) the input is a dict ``{"image": tensor, name:
     tensor, ...}`` (collated into a dict of batches); a sample missing one counts as unreadable.
@@ -230,52 +234,56 @@ class _IsolatedRng:
 class ShardStream(IterableDataset):
     """One rank's share of a split for one epoch; DataLoader workers each take one role of it.
 
+    ``layout`` says which positions the rank and each role read (:class:`plan.RankLayout`);
+    ``urls`` and ``lengths`` are the split's shards in manifest order (``sum(lengths)`` is
+    ``layout.num_samples``). ``seed`` drives the shard order, the block shuffle and the
+    per-sample augmentation; ``shuffle_buffer`` is the block size. ``transform``, ``problems``
+    and ``extras`` ({name: manifest spec} of extra members loaded with the image) are passed to
+    :func:`decode_and_transform`; ``class_weights`` (train) turns block shuffling into
+    class-weighted resampling (:func:`resample_block`).
+
     ``epoch`` and ``start_batch`` are set by the loader before a DataLoader is built (workers are
     re-created every epoch, so they see the current values).
     """
 
-    def __init__(self, urls: list[str], lengths: list[int], *, train: bool, batch_size: int,
-                 seed: int, rank: int, world_size: int, roles: int, shuffle_buffer: int,
-                 transform: Callable, problems: ProblemLog,
+    def __init__(self, layout: plan.RankLayout, urls: list[str], lengths: list[int], *,
+                 seed: int, shuffle_buffer: int, transform: Callable, problems: ProblemLog,
                  class_weights: Optional[list[float]] = None,
                  extras: Optional[dict] = None) -> None:
         super().__init__()
+        if sum(lengths) != layout.num_samples:  # the plan's counts would not match the shards
+            raise ValueError(f"layout has {layout.num_samples} samples, the shards "
+                             f"{sum(lengths)}")
+        self.layout, self.urls, self.lengths = layout, urls, lengths
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.transform, self.problems = transform, problems
         self.class_weights = class_weights  # train: per-class sampling weights (None = off)
-        self.urls, self.lengths = urls, lengths
-        self.train, self.batch_size, self.seed = train, batch_size, seed
-        self.rank, self.world_size, self.roles = rank, world_size, roles
-        self.shuffle_buffer, self.transform, self.problems = shuffle_buffer, transform, problems
         self.extras = extras or {}  # extra member name -> manifest spec, loaded with the image
         self.epoch = 0
         self.start_batch = 0  # rank batches already consumed this epoch (resume point)
 
-    def role_range(self, role: int) -> plan.RoleRange:
-        """Global positions this rank's ``role`` reads in the current epoch."""
-        n = sum(self.lengths)
-        if self.train:
-            return plan.train_role_range(n, self.world_size, self.rank, self.batch_size,
-                                         self.roles, role, self.start_batch)
-        return plan.eval_role_range(n, self.world_size, self.rank, self.roles, role)
-
     def __iter__(self):
+        layout = self.layout
         info = get_worker_info()
         worker = info.id if info is not None else 0
         # The DataLoader's round robin always starts at worker 0; after a resume at rank batch j
         # the next batch belongs to role j % K, so worker w plays role (w + j) % K.
-        role = (worker + self.start_batch) % self.roles
-        r = self.role_range(role)
-        order = plan.shard_order(len(self.urls), self.seed, self.epoch, shuffle=self.train)
+        role = (worker + self.start_batch) % layout.roles
+        r = layout.role_range(role, self.start_batch)
+        order = plan.shard_order(len(self.urls), self.seed, self.epoch, shuffle=layout.train)
         block = self.shuffle_buffer
         first = r.begin + (r.skip // block) * block  # start of the block holding the resume point
         # (position, raw sample) for the role's range from the resume block on; nothing decoded
         stream = read_positions(self.urls, self.lengths, order, first, r.end, self.problems)
         # same, shuffled within blocks; the already-consumed head is dropped
-        stream = block_shuffle(stream, block, self.seed, self.epoch, r.skip - (first - r.begin),
-                               shuffle=self.train, class_weights=self.class_weights)
+        stream = block_shuffle(stream, block, seed=self.seed, epoch=self.epoch,
+                               drop=r.skip - (first - r.begin), shuffle=layout.train,
+                               class_weights=self.class_weights)
         # (image tensor CHW, label), exactly one per position in training
-        stream = decode_and_transform(stream, self.transform, self.seed, self.epoch, self.train,
-                                      self.problems, self.extras)
+        stream = decode_and_transform(stream, self.transform, self.problems, train=layout.train,
+                                      seed=self.seed, epoch=self.epoch, extras=self.extras)
         # (images [B,C,H,W], labels as a list of B ints); train ranges are whole batches, eval
         # keeps the remainder
-        stream = wds.filters.batched(self.batch_size, collation_fn=collate, partial=True)(stream)
+        stream = wds.filters.batched(layout.batch_size, collation_fn=collate,
+                                     partial=True)(stream)
         return _IsolatedRng(stream) if info is None else stream

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .report import class_table, describe, split_table, verify
 from .manifest import load_manifest
-from .pack import pack, summary
+from .pack import PackSettings, pack, summary
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,10 +36,12 @@ def byte_size(text: str) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    manifest = pack(args.src, args.out, classes=args.classes, val_fraction=args.val_fraction,
-                    test_fraction=args.test_fraction, seed=args.seed, shard_size=args.shard_size,
-                    max_shard_bytes=args.max_shard_bytes, resize=args.resize,
-                    workers=args.workers, overwrite=args.overwrite, extras=args.extras or ())
+    settings = PackSettings(val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                            seed=args.seed, shard_size=args.shard_size,
+                            max_shard_bytes=args.max_shard_bytes, resize=args.resize,
+                            workers=args.workers, overwrite=args.overwrite)
+    manifest = pack(args.src, args.out, classes=args.classes, extras=args.extras or (),
+                    settings=settings)
     print(summary(manifest))
     return 0
 

@@ -17,23 +17,18 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                           TextColumn, TimeRemainingColumn)
-from rich.text import Text
 
 from .. import __version__
 from . import extras as extra_members
-from .report import sha256_file
 from .manifest import PROBLEMS_NAME, Manifest, SplitInfo, write_manifest
+from .progress import PROGRESS_MODES, FileProgress
+from .report import sha256_file
 
 SPLITS = ("train", "val", "test")
-PROGRESS_MODES = ("auto", "bar", "lines", "none")  # auto: a bar on a terminal, lines otherwise
 # PIL format -> sample key. These are the formats timm's ReaderWds looks for ("jpg;png;webp").
 # MPO is what PIL calls the multi-picture JPEGs phones write: the bytes are a valid JPEG.
 STORED = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -47,6 +42,50 @@ SHARD_MTIME = 0
 
 class PackError(ValueError):
     """A problem with the user's input or settings; the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """How to pack, validated when built: a bad setting raises :class:`PackError` before any
+    source file is scanned or decoded."""
+
+    val_fraction: float = 0.1  # per class, of the items without an explicit split
+    test_fraction: float = 0.1
+    seed: int = 0  # split draw and split shuffles
+    shard_size: int = 1000  # samples per shard at most
+    max_shard_bytes: int = 256 * 2**20  # a new shard starts past this size
+    resize: int | None = None  # shrink images whose longer side exceeds it; None: keep
+    workers: int | None = None  # decoding processes; None or 0: every CPU
+    overwrite: bool = False  # replace a non-empty output folder
+    progress: str = "auto"  # auto (a bar on a terminal, lines otherwise), bar, lines or none
+
+    def __post_init__(self) -> None:
+        # Resolved here (frozen: via object.__setattr__) so the manifest records the count used.
+        object.__setattr__(self, "workers", self.workers or os.cpu_count() or 1)
+        if self.progress not in PROGRESS_MODES:
+            raise PackError(f"progress must be one of {', '.join(PROGRESS_MODES)}, "
+                            f"not {self.progress!r}")
+        for name, value in (("val fraction", self.val_fraction),
+                            ("test fraction", self.test_fraction)):
+            if not 0 <= value < 1:
+                raise PackError(f"{name} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise PackError(f"val + test fractions must sum to less than 1 (leaving a train "
+                            f"split), got {self.val_fraction} + {self.test_fraction}")
+        for name, value in (("shard size", self.shard_size),
+                            ("max shard bytes", self.max_shard_bytes), ("workers", self.workers),
+                            ("resize", self.resize or 1)):
+            if value < 1:
+                raise PackError(f"{name} must be at least 1, got {value}")
+
+    def record(self, source: str) -> dict[str, Any]:
+        """The manifest's ``pack`` entry: the settings that shape the shards (not overwrite or
+        progress), the source, and when and by which version it was packed."""
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds")
+        return dict(source=source, seed=self.seed, val_fraction=self.val_fraction,
+                    test_fraction=self.test_fraction, shard_size=self.shard_size,
+                    max_shard_bytes=self.max_shard_bytes, resize=self.resize,
+                    workers=self.workers, created=created, ddp_train_version=__version__)
 
 
 @dataclass(frozen=True)
@@ -179,66 +218,6 @@ def load_sample(job: tuple[str, int | None, tuple[tuple[str, str], ...]]) -> tup
         return str(e)
 
 
-class RateColumn(ProgressColumn):
-    """Files per second (rich only ships a bytes-per-second column)."""
-
-    def render(self, task: Any) -> Text:
-        return Text(f"{task.speed or 0:.0f} files/s")
-
-
-class FileProgress:
-    """Files-done reporting: a rich bar on a terminal, otherwise a plain line every 5 s or 10%."""
-
-    def __init__(self, total: int, mode: str = "auto"):
-        self.mode = ("bar" if sys.stdout.isatty() else "lines") if mode == "auto" else mode
-        self.total, self.done = total, 0
-        self.start = self.last = time.monotonic()
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            RateColumn(), TimeRemainingColumn()) if self.mode == "bar" else None
-
-    def __enter__(self) -> "FileProgress":
-        if self.bar:
-            self.bar.start()
-            self.task = self.bar.add_task("packing", total=self.total)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def advance(self) -> None:
-        """Count one file done."""
-        self.done += 1
-        if self.bar:
-            self.bar.advance(self.task)
-            return
-        now = time.monotonic()
-        step = max(1, self.total // 10)
-        if self.mode == "lines" and (now - self.last >= 5 or self.done % step == 0
-                                     or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"packed {self.done}/{self.total} files ({rate:.0f} files/s, ETA {eta:.0f} s)",
-                  flush=True)
-
-
-def _check_settings(val_fraction: float, test_fraction: float, shard_size: int,
-                    max_shard_bytes: int, resize: int | None, workers: int, progress: str) -> None:
-    if progress not in PROGRESS_MODES:
-        raise PackError(f"progress must be one of {', '.join(PROGRESS_MODES)}, not {progress!r}")
-    for name, value in (("val fraction", val_fraction), ("test fraction", test_fraction)):
-        if not 0 <= value < 1:
-            raise PackError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1:
-        raise PackError(f"val + test fractions must sum to less than 1 (leaving a train split), "
-                        f"got {val_fraction} + {test_fraction}")
-    for name, value in (("shard size", shard_size), ("max shard bytes", max_shard_bytes),
-                        ("workers", workers), ("resize", resize or 1)):
-        if value < 1:
-            raise PackError(f"{name} must be at least 1, got {value}")
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise PackError(f"output {out} exists and is not a folder")
@@ -318,18 +297,22 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 
 def _write_splits(splits: dict[str, list[Item]], classes: Sequence[str], folder: str,
-                  new_writer: Callable, resize: int | None, workers: int, progress: str,
-                  problems: list[dict], specs: dict[str, dict]) -> dict[str, SplitInfo]:
+                  settings: PackSettings, problems: list[dict],
+                  specs: dict[str, dict]) -> dict[str, SplitInfo]:
     """Decode every item in a process pool and write each split's shards into ``folder``."""
-    infos = {}
+    import webdataset as wds  # imports torch (seconds): only once the input passed its checks
+
+    new_writer = functools.partial(wds.ShardWriter, maxcount=settings.shard_size,
+                                   maxsize=settings.max_shard_bytes, verbose=0, mtime=SHARD_MTIME)
+    infos, workers = {}, settings.workers
     total = sum(len(group) for group in splits.values())
     chunk = max(1, min(64, total // (8 * workers)))  # few round trips, yet balanced over workers
-    with multiprocessing.Pool(workers) as pool, FileProgress(total, progress) as bar:
+    with multiprocessing.Pool(workers) as pool, FileProgress(total, settings.progress) as bar:
         for name, group in splits.items():
             # Ordered imap: results come back in input order whatever the worker count,
             # so the shards are the same for 1 or 64 workers.
-            decoded = pool.imap(load_sample, [(item.path, resize, item.extras) for item in group],
-                                chunk)
+            jobs = [(item.path, settings.resize, item.extras) for item in group]
+            decoded = pool.imap(load_sample, jobs, chunk)
             infos[name] = _write_split(name, group, classes, folder, decoded, new_writer, bar,
                                        problems, specs)
     return infos
@@ -342,37 +325,24 @@ def _write_problems(folder: str, problems: list[dict]) -> None:
             f.write(json.dumps(problem) + "\n")
 
 
-def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
-               val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-               shard_size: int = 1000, max_shard_bytes: int = 256 * 2**20,
-               resize: int | None = None, workers: int | None = None, overwrite: bool = False,
-               progress: str = "auto", source: str = "") -> Manifest:
+def pack_items(items: Sequence[Item], classes: Sequence[str], out: str,
+               settings: PackSettings | None = None, *, source: str = "") -> Manifest:
     """Pack ``items`` (class index = position in ``classes``) into shards under ``out``.
 
-    Writes ``{train,val,test}-NNNNNN.tar``, ``_info.json`` and ``problematic_files.jsonl``.
-    ``resize`` shrinks images whose longer side exceeds it; ``progress`` is auto (bar on a
-    terminal, lines otherwise), bar, lines or none; ``source`` is recorded in the manifest.
-    Raises PackError for bad settings, a non-empty ``out`` without ``overwrite``, a class
-    without files, or when no image at all could be decoded.
+    Writes ``{train,val,test}-NNNNNN.tar``, ``_info.json`` and ``problematic_files.jsonl``, as
+    ``settings`` say (default: ``PackSettings()``); ``source`` is recorded in the manifest.
+    Raises PackError for a non-empty ``out`` without ``settings.overwrite``, a class without
+    files, or when no image at all could be decoded (bad settings fail in PackSettings).
     """
-    workers = workers or os.cpu_count() or 1
-    _check_settings(val_fraction, test_fraction, shard_size, max_shard_bytes, resize, workers,
-                    progress)
-    _check_out(out, overwrite)
+    settings = settings or PackSettings()
+    _check_out(out, settings.overwrite)
     usable, problems = _triage(items, classes)
     empty = sorted(set(classes) - {item.label for item in usable})
     if empty:  # a typo in --classes or an empty class folder: fail now, not at training time
         raise PackError(f"no files for class(es) {', '.join(empty)}")
-    splits = assign_splits(usable, classes, val_fraction, test_fraction, seed)
-    settings = dict(source=source, seed=seed, val_fraction=val_fraction,
-                    test_fraction=test_fraction, shard_size=shard_size,
-                    max_shard_bytes=max_shard_bytes, resize=resize, workers=workers,
-                    created=datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds"),
-                    ddp_train_version=__version__)
-    import webdataset as wds  # imports torch (seconds): after the checks, before the clock starts
-
-    new_writer = functools.partial(wds.ShardWriter, maxcount=shard_size, maxsize=max_shard_bytes,
-                                   verbose=0, mtime=SHARD_MTIME)
+    splits = assign_splits(usable, classes, settings.val_fraction, settings.test_fraction,
+                           settings.seed)
+    record = settings.record(source)
     # Build in a hidden sibling folder: a crash leaves ".NAME.partial-PID", never a half dataset
     # at ``out``, and the rename at the end is atomic on one filesystem. (Not tempfile.mkdtemp:
     # its 0700 mode would end up on the dataset folder.)
@@ -382,13 +352,12 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
     os.makedirs(tmp)
     try:
         specs: dict[str, dict] = {}  # extra column -> member, shape/keys (manifest "extras")
-        infos = _write_splits(splits, classes, tmp, new_writer, resize, workers, progress,
-                              problems, specs)
+        infos = _write_splits(splits, classes, tmp, settings, problems, specs)
         if not any(info.num_samples for info in infos.values()):
             raise PackError(f"none of {len(items)} files could be used, e.g. "
                             f"{problems[0]['path']}: {problems[0]['reason']}")
         _write_problems(tmp, problems)
-        manifest = Manifest(root=out, classes=list(classes), splits=infos, pack=settings,
+        manifest = Manifest(root=out, classes=list(classes), splits=infos, pack=record,
                             problematic=len(problems), extras=specs)
         write_manifest(manifest, tmp)
         _move_into_place(tmp, out)
@@ -398,13 +367,19 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str, *,
 
 
 def pack(src: str, out: str | None = None, *, classes: Sequence[str] | None = None,
-         extras: Sequence[str] = (), **settings: Any) -> Manifest:
-    """Pack an image folder or a ``path,label[,split]`` CSV; ``settings`` are pack_items' keywords.
+         extras: Sequence[str] = (), settings: PackSettings | None = None,
+         **options: Any) -> Manifest:
+    """Pack an image folder or a ``path,label[,split]`` CSV as ``settings`` say, or as
+    ``PackSettings(**options)`` when given its fields as keywords (``pack(src, workers=2)``).
 
     ``out`` defaults to ``shards/<name of SRC>``; ``classes`` restricts and orders the classes
     (files of other classes are logged as unknown labels); ``extras`` names CSV columns stored
     as extra members next to each image (:mod:`.extras`).
     """
+    if settings is None:
+        settings = PackSettings(**options)
+    elif options:  # two sources of truth for one setting: refuse rather than pick one
+        raise TypeError(f"pack() got settings and the keywords {', '.join(options)}")
     if not os.path.exists(src):
         raise PackError(f"source {src} does not exist")
     name = os.path.splitext(os.path.basename(os.path.normpath(src)))[0]  # "data/cats.csv" -> "cats"
@@ -418,8 +393,8 @@ def pack(src: str, out: str | None = None, *, classes: Sequence[str] | None = No
     items, found = scan_folder(src) if os.path.isdir(src) else scan_csv(src, extras)
     if not items:
         raise PackError(f"no image files found in {src}")
-    return pack_items(items, list(classes) if classes else found, out,
-                      source=os.path.abspath(src), **settings)
+    return pack_items(items, list(classes) if classes else found, out, settings,
+                      source=os.path.abspath(src))
 
 
 def summary(manifest: Manifest) -> str:
