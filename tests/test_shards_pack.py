@@ -279,6 +279,7 @@ def test_cli_errors_are_one_line_exit_2(folder, tmp_path, capsys):
         (["pack", src, "--out", out, "--val-fraction", "1.5"], "val fraction"),
         (["pack", src, "--out", out, "--val-fraction", "0.5", "--test-fraction", "0.5"], "sum"),
         (["pack", src, "--out", out, "--shard-size", "0"], "shard size"),
+        (["pack", src, "--out", out, "--resize", "0"], "resize must be at least 1"),
         (["pack", src, "--out", out, "--max-shard-bytes", "lots"], "byte size"),
         (["pack", src, "--out", out, "--classes", "a,zzz"], "zzz"),
         (["pack", src, "--out", out, "--seed", "x"], "invalid int"),

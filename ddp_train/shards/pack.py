@@ -74,7 +74,8 @@ class PackSettings:
                             f"split), got {self.val_fraction} + {self.test_fraction}")
         for name, value in (("shard size", self.shard_size),
                             ("max shard bytes", self.max_shard_bytes), ("workers", self.workers),
-                            ("resize", self.resize or 1)):
+                            # None = keep sizes; 0 would shrink every image to nothing
+                            ("resize", 1 if self.resize is None else self.resize)):
             if value < 1:
                 raise PackError(f"{name} must be at least 1, got {value}")
 
