@@ -1,14 +1,14 @@
-"""The run folder and the loggers that write into it (format: docs/logs.md).
+"""The run folder and the loggers that write into it (format: docs/logs.md, ddp_train/logformat.py).
 
 Only global rank 0 writes. :func:`make_logger` hands every other rank a :class:`NullLogger`, so the
 training loop calls ``log.log_step(...)`` unconditionally. Every log file is opened in append mode
 and flushed after each line: a resumed run adds to the same files, and a killed job loses at most
-the line being written.
+the line being written. Every line and record is rendered by :mod:`ddp_train.logformat`, the
+module the plot reader parses them with.
 """
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import re
@@ -20,11 +20,12 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import logformat as fmt
 from .config import LogConfig, RunConfig
 from .dist import DistInfo, broadcast_object
 
 # Any of these in a folder means a run already lives there.
-RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "eval.jsonl", "checkpoints")
+RUN_FILES = ("config.yaml", fmt.TRAIN_LOG, fmt.METRICS, fmt.EVALS, "checkpoints")
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -133,28 +134,6 @@ def problems_path(run_dir: str) -> str:
 
 # ----------------------------------------------------------------------------- JSON lines
 
-def _plain(value: Any) -> Any:
-    """Tensors and numpy values -> Python numbers/lists, recursively (``tolist`` does both)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _nulls(value: Any) -> Any:
-    """NaN and +-inf -> None, recursively: JSON has no spelling for them (docs/logs.md)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nulls(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nulls(v) for v in value]
-    return value
-
-
 class JsonlFile:
     """An append-only JSON-lines file, flushed after every record."""
 
@@ -167,8 +146,7 @@ class JsonlFile:
 
     def write(self, record: dict) -> None:
         """Append one record as one line and flush it to the OS."""
-        line = json.dumps(_nulls(record), separators=(",", ":"), allow_nan=False)
-        self.file.write(line + "\n")
+        self.file.write(fmt.dumps(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -259,7 +237,10 @@ class Logger:
         """One evaluation's results (fields in docs/logs.md)."""
 
     def event(self, name: str, **fields: Any) -> None:
-        """A lifecycle record such as start, resume or end."""
+        """A lifecycle record such as start, resume or end (names in :mod:`.logformat`)."""
+
+    def warning(self, msg: str, event: str = fmt.WARNING, **fields: Any) -> None:
+        """Something went wrong but training goes on: a ``WARNING:`` line and an event."""
 
     def close(self) -> None:
         """Flush and close everything."""
@@ -282,9 +263,9 @@ class RunLogger(Logger):
                  sinks: tuple = ()) -> None:
         self.cfg, self.total_steps, self.start_step = cfg, total_steps, start_step
         self.sinks = list(sinks)
-        self.text = open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8")
-        self.metrics = JsonlFile(os.path.join(run_dir, "metrics.jsonl"))
-        self.evals = JsonlFile(os.path.join(run_dir, "eval.jsonl"))
+        self.text = open(os.path.join(run_dir, fmt.TRAIN_LOG), "a", encoding="utf-8")
+        self.metrics = JsonlFile(os.path.join(run_dir, fmt.METRICS))
+        self.evals = JsonlFile(os.path.join(run_dir, fmt.EVALS))
         # soft_wrap keeps long lines whole in Slurm logs; markup off: "[...]" in a message is text.
         self.console = Console(soft_wrap=True, highlight=False, markup=False)
         self.mode = cfg.progress
@@ -295,13 +276,13 @@ class RunLogger(Logger):
 
     def info(self, msg: str) -> None:
         """Timestamped line to train.log (flushed) and to the console."""
-        line = self._stamp(msg)
+        line = fmt.stamp(msg)
         self._write_text(line)
         self.console.print(line)  # printed above the progress bar while it is live
 
     def log_step(self, record: dict) -> None:
         """Append the step to metrics.jsonl (adding ``time``), feed the sinks and the console."""
-        record = {**_plain(record), "time": time.time()}
+        record = {**fmt.plain(record), "time": time.time()}
         self.metrics.write(record)
         for sink in self.sinks:
             sink.log_step(record)
@@ -309,25 +290,39 @@ class RunLogger(Logger):
         if self.mode == "rich":
             self._advance_bar(record)
         if step % self.cfg.interval == 0 or step == self.total_steps:
-            line = self._stamp(self._step_line(record))
+            line = fmt.stamp(fmt.render_step(record, self.total_steps, self._eta(step)))
             self._write_text(line)  # train.log gets the line whatever the console shows
             if self.mode == "plain":
                 self.console.print(line)
 
     def log_eval(self, record: dict) -> None:
         """Append the eval to eval.jsonl (adding ``time``), feed the sinks, and info() a summary."""
-        record = {**_plain(record), "time": time.time()}
+        record = {**fmt.plain(record), "time": time.time()}
         self.evals.write(record)
         for sink in self.sinks:
             sink.log_eval(record)
-        parts = [f"eval {record.get('split', '?')} step {record.get('step', '?')}"]
-        parts += [f"{key} {record[key]:.4f}" for key in ("loss", "acc", "macro_f1")
-                  if isinstance(record.get(key), (int, float))]
-        self.info(" | ".join(parts))
+        self.info(fmt.render_eval(record))
 
     def event(self, name: str, **fields: Any) -> None:
-        """Append ``{"event": name, **fields, "time": ...}`` to metrics.jsonl."""
-        self.metrics.write({"event": name, **_plain(fields), "time": time.time()})
+        """Append ``{"event": name, **fields, "time": ...}`` to metrics.jsonl, and info() the
+        event's line for the kinds that have one (:func:`.logformat.event_line`).
+
+        ``start`` with run_dir, model, world_size, batch_size, grad_accum, updates_per_epoch
+        and total_steps -> the ``run ...`` line; ``resume`` with step and path -> ``resumed
+        from <path> at step <N>``; ``end`` / ``preempted`` with reason -> ``stopped: <reason>``.
+        An event without those fields, and every other event, is only a JSON record.
+        """
+        fields = fmt.plain(fields)
+        self.metrics.write({fmt.EVENT_KEY: name, **fields, "time": time.time()})
+        line = fmt.event_line(name, fields)
+        if line is not None:
+            self.info(line)
+
+    def warning(self, msg: str, event: str = fmt.WARNING, **fields: Any) -> None:
+        """info() ``WARNING: <msg>`` and append ``{"event": event, "message": msg, **fields}``."""
+        self.info(fmt.render_warning(msg))
+        self.metrics.write({fmt.EVENT_KEY: event, "message": msg, **fmt.plain(fields),
+                            "time": time.time()})
 
     def close(self) -> None:
         """Stop the bar, close the sinks and the files. Safe to call twice."""
@@ -340,21 +335,9 @@ class RunLogger(Logger):
         for f in (self.metrics, self.evals, self.text):
             f.close()
 
-    def _stamp(self, msg: str) -> str:
-        return f"{time.strftime('%Y-%m-%d %H:%M:%S')} | {msg}"
-
     def _write_text(self, line: str) -> None:
         self.text.write(line + "\n")
         self.text.flush()
-
-    def _step_line(self, record: dict) -> str:
-        """``step 120/1000 | epoch 1 | loss 0.4312 | lr 1.00e-03 | 512 img/s | eta 0:03:10``."""
-        formats = (("epoch", "epoch {}"), ("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"),
-                   ("samples_per_s", "{:.0f} img/s"))
-        parts = [f"step {record['step']}/{self.total_steps}"]
-        parts += [fmt.format(record[key]) for key, fmt in formats if key in record]
-        parts.append(f"eta {self._eta(record['step'])}")
-        return " | ".join(parts)
 
     def _eta(self, step: int) -> str:
         done = step - self.start_step
@@ -380,13 +363,14 @@ class RunLogger(Logger):
 
 
 def make_logger(cfg: LogConfig, run_dir: str, dist: DistInfo, *, total_steps: int,
-                resumed_from_step: Optional[int] = None, wandb_project: str = "ddp-train",
-                config: Optional[dict] = None) -> Logger:
+                resumed_from_step: Optional[int] = None, resumed_from_path: str = "",
+                wandb_project: str = "ddp-train", config: Optional[dict] = None) -> Logger:
     """The logger for this rank: a :class:`RunLogger` on rank 0, a :class:`NullLogger` elsewhere.
 
-    ``resumed_from_step`` (when resuming) is written as a ``{"event": "resume"}`` record and makes
-    TensorBoard drop the old points past it. ``wandb_project`` and ``config`` (the resolved config
-    dict) only matter with ``log.wandb``.
+    ``resumed_from_step`` (when resuming) makes TensorBoard drop the old points past it and is
+    written as a ``resume`` event; with ``resumed_from_path`` (the checkpoint) that event also
+    writes the ``resumed from <path> at step <N>`` line. ``wandb_project`` and ``config`` (the
+    resolved config dict) only matter with ``log.wandb``.
     """
     if not dist.is_main:
         return NullLogger()
@@ -398,5 +382,8 @@ def make_logger(cfg: LogConfig, run_dir: str, dist: DistInfo, *, total_steps: in
     logger = RunLogger(cfg, run_dir, total_steps=total_steps, start_step=resumed_from_step or 0,
                        sinks=tuple(sinks))
     if resumed_from_step is not None:
-        logger.event("resume", step=resumed_from_step)
+        # Without a path the event gets no text line: callers that still write that line
+        # themselves (with info) do not get it twice.
+        path = {"path": resumed_from_path} if resumed_from_path else {}
+        logger.event(fmt.RESUME, step=resumed_from_step, **path)
     return logger

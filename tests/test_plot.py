@@ -1,8 +1,9 @@
 """ddp-plot (docs/plotting.md): figures and report.md from run logs.
 
-The logs are written by the real :class:`ddp_train.runlog.RunLogger`, in the order the trainer
-writes them (resume event and line, run line, start event, steps, evals, stop line, end event),
-so the parser is tested against the writer's actual format. A "kill" leaves a torn half line,
+The logs are written by the real :class:`ddp_train.runlog.RunLogger` through its event API, in
+the order the trainer writes them (resume event, start event, steps, evals, end event; each
+event also writes its train.log line), so the parser is tested against the writer's actual
+format. A "kill" leaves a torn half line,
 as a SIGKILL mid-write does; the next launch's logger starts on a fresh line.
 """
 from __future__ import annotations
@@ -73,18 +74,17 @@ def eval_record(split: str, step: int, values: tuple, index: int) -> dict:
 
 
 def new_logger(run_dir: str, resumed_from_step=None):
+    """The trainer's logger; a resumed launch's make_logger writes the resume event and line."""
+    path = f"{run_dir}/checkpoints/last.pt" if resumed_from_step else ""
     return make_logger(LogConfig(progress="none", interval=10), run_dir, DistInfo(),
-                       total_steps=TOTAL, resumed_from_step=resumed_from_step)
+                       total_steps=TOTAL, resumed_from_step=resumed_from_step,
+                       resumed_from_path=path)
 
 
-def launch_header(log, run_dir: str, step: int, resumed: bool) -> None:
-    """What Trainer.__init__/fit write before the first step of a launch."""
-    if resumed:
-        log.info(f"resumed from {run_dir}/checkpoints/last.pt at step {step}")
-    log.info(f"run {run_dir} | resnet18 | 2 rank(s) x batch 16 x accum 1 | "
-             f"{PER_EPOCH} updates/epoch | {TOTAL} updates")
-    log.event("start", step=step, world_size=2, model="resnet18", batch_size=16, grad_accum=1,
-              updates_per_epoch=PER_EPOCH, total_steps=TOTAL, train_samples=3200,
+def launch_header(log, run_dir: str, step: int) -> None:
+    """What Trainer.fit writes before the first step of a launch: the start event and line."""
+    log.event("start", step=step, run_dir=run_dir, world_size=2, model="resnet18", batch_size=16,
+              grad_accum=1, updates_per_epoch=PER_EPOCH, total_steps=TOTAL, train_samples=3200,
               classes=CLASSES, shards="shards/animals", engine="ddp", precision="fp32")
 
 
@@ -93,7 +93,7 @@ def write_run(run_dir: str) -> dict[int, float]:
     os.makedirs(run_dir)
     final = {}
     log = new_logger(run_dir)
-    launch_header(log, run_dir, 0, resumed=False)
+    launch_header(log, run_dir, 0)
     for step in range(1, KILL_AT + 1):
         # The steps the crash rolls back get other values: the rerun's must win.
         loss = base_loss(step) + (5.0 if step > RESUME_AT else 0.0)
@@ -105,7 +105,7 @@ def write_run(run_dir: str) -> dict[int, float]:
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.write('{"step":131,"epoch":1,"loss":0.8')  # torn by the kill
     log = new_logger(run_dir, resumed_from_step=RESUME_AT)
-    launch_header(log, run_dir, RESUME_AT, resumed=True)
+    launch_header(log, run_dir, RESUME_AT)
     for step in range(RESUME_AT + 1, TOTAL + 1):
         loss = float("nan") if step == NULL_STEP else base_loss(step)
         log.log_step(step_record(step, loss, gpu=True))  # another key set than launch 1
@@ -116,7 +116,6 @@ def write_run(run_dir: str) -> dict[int, float]:
             epoch = step // PER_EPOCH - 1
             log.log_eval(eval_record("val", step, VAL[epoch], epoch))
     log.log_eval(eval_record("test", TOTAL, TEST, 2))
-    log.info(f"stopped: finished {TOTAL} updates")
     log.event("end", step=TOTAL, reason=f"finished {TOTAL} updates")
     log.close()
     return final
@@ -352,7 +351,7 @@ def test_split_option_picks_the_ema_evals(tmp_path):
     run_dir = str(tmp_path / "ema")
     os.makedirs(run_dir)
     log = new_logger(run_dir)
-    launch_header(log, run_dir, 0, resumed=False)
+    launch_header(log, run_dir, 0)
     for step in range(1, 2 * PER_EPOCH + 1):
         log.log_step(step_record(step, base_loss(step)))
         if step % PER_EPOCH == 0:
@@ -371,15 +370,14 @@ def test_split_option_picks_the_ema_evals(tmp_path):
         load_runs([run_dir], "test")
 
 
-def write_launch(run_dir: str, steps: range, stopped: str, event: str, **fields) -> None:
+def write_launch(run_dir: str, steps: range, event: str, **fields) -> None:
     """One launch over ``steps`` (resumed when they do not start at 1) that ends with the
-    trainer's ``stopped: ...`` line and the ``event`` record (``end`` or ``preempted``)."""
+    ``event`` (``end`` or ``preempted``, with its ``reason``: the ``stopped: ...`` line)."""
     resumed_at = steps[0] - 1
     log = new_logger(run_dir, resumed_from_step=resumed_at or None)
-    launch_header(log, run_dir, resumed_at, resumed=resumed_at > 0)
+    launch_header(log, run_dir, resumed_at)
     for step in steps:
         log.log_step(step_record(step, base_loss(step)))
-    log.info(f"stopped: {stopped}")
     log.event(event, step=steps[-1], **fields)
     log.close()
 
@@ -388,9 +386,9 @@ def test_preempted_last_launch(tmp_path):
     """A finished run trained further and preempted: the report says so, from either log."""
     run_dir = str(tmp_path / "again")
     os.makedirs(run_dir)
-    write_launch(run_dir, range(1, 21), "finished 20 updates", "end",
-                 reason="finished 20 updates")
-    write_launch(run_dir, range(21, 36), "preempted by SIGTERM", "preempted", signal="SIGTERM")
+    write_launch(run_dir, range(1, 21), "end", reason="finished 20 updates")
+    write_launch(run_dir, range(21, 36), "preempted", reason="preempted by SIGTERM",
+                 signal="SIGTERM")
     expected = {"metrics.jsonl": "preempted by SIGTERM after step 35: not finished",
                 "train.log": "preempted by SIGTERM: not finished"}
     for name, outcome in expected.items():
@@ -408,7 +406,7 @@ def test_several_runs_overlay_live_run_and_text_log(plotted, tmp_path):
     live = str(tmp_path / "live-run")
     os.makedirs(live)
     log = new_logger(live)
-    launch_header(log, live, 0, resumed=False)
+    launch_header(log, live, 0)
     for step in range(1, 151):
         log.log_step(step_record(step, 0.5 * base_loss(step)))
     log.close()

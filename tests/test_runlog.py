@@ -116,9 +116,10 @@ def test_resume_appends_without_truncation(tmp_path):
         log.log_step({"step": 1, "loss": 1.0})
         log.log_step({"step": 2, "loss": 0.9})
     cfg = LogConfig(progress="none")
-    with make_logger(cfg, str(tmp_path), ONE, total_steps=100, resumed_from_step=1) as log:
+    with make_logger(cfg, str(tmp_path), ONE, total_steps=100, resumed_from_step=1,
+                     resumed_from_path=str(tmp_path / "checkpoints" / "last.pt")) as log:
         log.log_step({"step": 2, "loss": 0.8})
-        log.event("end", step=2)
+        log.event("end", step=2, reason="finished 2 updates")
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r.get("event") for r in rows] == [None, None, "resume", None, "end"]
     assert rows[2]["step"] == 1
@@ -137,14 +138,45 @@ def test_torn_last_line_is_not_glued_to(tmp_path):
 def test_null_logger_on_other_ranks_writes_nothing(tmp_path, capsys):
     rank1 = DistInfo(rank=1, world_size=2)
     cfg = LogConfig(progress="plain", interval=1, tensorboard=True)
-    with make_logger(cfg, str(tmp_path), rank1, total_steps=10, resumed_from_step=3) as log:
+    with make_logger(cfg, str(tmp_path), rank1, total_steps=10, resumed_from_step=3,
+                     resumed_from_path="x.pt") as log:
         assert isinstance(log, NullLogger)
         log.info("hello")
         log.log_step({"step": 4, "loss": 1.0})
         log.log_eval({"split": "val", "step": 4, "acc": 0.5})
-        log.event("end")
+        log.warning("disk almost full", event="checkpoint_failed", step=4)
+        log.event("end", step=4, reason="finished 4 updates")
     assert list(tmp_path.iterdir()) == []
     assert capsys.readouterr().out == ""
+
+
+def test_event_and_warning_lines_reach_file_and_console(tmp_path, capsys):
+    """event() and warning() write the JSON record and, where the kind has one, the text line."""
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| "
+    with new_logger(tmp_path, progress="none") as log:
+        log.event("start", step=0, run_dir="runs/x", model="resnet18", world_size=2,
+                  batch_size=16, grad_accum=1, updates_per_epoch=50, total_steps=100,
+                  classes=["a", "b"])
+        log.warning("checkpoint at step 7 not saved, training continues: disk full",
+                    event="checkpoint_failed", step=7, error="disk full")
+        log.event("nonfinite", step=9, streak=1)  # JSON only
+        log.event("end", step=100)  # no reason: no stop line
+        log.event("preempted", step=100, reason="preempted by SIGTERM", signal="SIGTERM")
+    expected = [r"run runs/x \| resnet18 \| 2 rank\(s\) x batch 16 x accum 1 \| 50 updates/epoch "
+                r"\| 100 updates",
+                r"WARNING: checkpoint at step 7 not saved, training continues: disk full",
+                r"stopped: preempted by SIGTERM"]
+    for output in ((tmp_path / "train.log").read_text(), capsys.readouterr().out):
+        lines = output.splitlines()
+        assert len(lines) == len(expected), output
+        for line, pattern in zip(lines, expected):
+            assert re.fullmatch(stamp + pattern, line), line
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["event"] for r in rows] == ["start", "checkpoint_failed", "nonfinite", "end",
+                                          "preempted"]
+    assert rows[0]["classes"] == ["a", "b"] and rows[0]["run_dir"] == "runs/x"
+    assert rows[1]["message"].endswith("disk full") and rows[1]["error"] == "disk full"
+    assert rows[1]["step"] == 7 and rows[4]["signal"] == "SIGTERM"
 
 
 def test_plain_console_lines_at_interval(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Read a run's logs into tables: metrics.jsonl and eval.jsonl, or the human-readable train.log.
 
-The format is described in docs/logs.md. Two of its rules shape this module:
+The format is described in docs/logs.md and lives in :mod:`ddp_train.logformat`, which the
+writer uses too: file names, event names, JSON decoding and every train.log line come from there.
+Two of its rules shape this module:
 
 * **Later records win.** A resumed run restarts from its checkpoint's step, so the steps between
   that checkpoint and the kill appear twice. The last record of each step is kept (of each
@@ -19,12 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import pandas as pd
+
+from .. import logformat as fmt
 
 # Step-record fields the figures and the report use; others (grad_norm, gpu_mem_gb) are not read.
 STEP_FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "data_s", "step_s", "time")
@@ -34,6 +37,8 @@ PIECE_BYTES = 16 << 20  # step lines are parsed in pieces of ~16 MB (~50,000 lin
 # '{"step":1,"loss":0.5}' -> ',"step",1,"loss",0.5,': keys and values become alternating CSV
 # fields, framed by an empty field at each end.
 _JSON_TO_CSV = bytes.maketrans(b"{:}", b",,,")
+# How a skipped update's extra key reads inside a step line (',"skipped":true').
+_SKIPPED = b"," + fmt.dumps({"skipped": True})[1:-1].encode()
 
 
 class LogError(Exception):
@@ -52,6 +57,9 @@ class Run:
     resumes: list = field(default_factory=list)  # steps at which a launch resumed
     end: Optional[dict] = None  # the "end" event of the last launch; None while running/killed
     preempted: Optional[dict] = None  # the "preempted" event of the last launch, if it had one
+    # Warning events in file order, each with "event" and "message" (from a text log the event
+    # is "warning": its WARNING line does not name the event).
+    warnings: list = field(default_factory=list)
     replaced: int = 0  # step records superseded by a later record of the same step
     split: Optional[str] = None  # the eval split that picks the best eval (--split); None: val
     # Seconds from the first to the last stamped line of a text log. Its stamps are the training
@@ -84,7 +92,7 @@ def load_run(path: str) -> Run:
         raise LogError(f"{path}: no step has a finite loss (every loss is null)")
     if run.steps["epoch"].isna().any():
         raise LogError(f"{path}: step records without an epoch")
-    eval_path = os.path.join(folder, "eval.jsonl")
+    eval_path = os.path.join(folder, fmt.EVALS)
     if os.path.isfile(eval_path):
         run.evals = read_evals(eval_path)
     return run
@@ -93,21 +101,13 @@ def load_run(path: str) -> Run:
 def _log_file(path: str) -> str:
     """The file to read for ``path``: itself, or the log inside a run folder."""
     if os.path.isdir(path):
-        for name in ("metrics.jsonl", "train.log"):
+        for name in (fmt.METRICS, fmt.TRAIN_LOG):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise LogError(f"{path}: no metrics.jsonl or train.log in this folder")
+        raise LogError(f"{path}: no {fmt.METRICS} or {fmt.TRAIN_LOG} in this folder")
     if not os.path.isfile(path):
         raise LogError(f"{path}: no such file or folder")
     return path
-
-
-def _loads(line: bytes) -> Any:
-    """``json.loads``, or None for a line that does not parse (a torn line, garbage)."""
-    try:
-        return json.loads(line)
-    except ValueError:  # also covers bad UTF-8
-        return None
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -124,19 +124,21 @@ def _parse_metrics(data: bytes) -> Run:
     steps = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     steps, replaced = later_wins(steps)
     end, preempted = _last_launch_outcome(events)
+    warnings = [{**e, "message": message} for e in events
+                if (message := fmt.warning_message(e)) is not None]
     return Run(name="", source="", steps=steps, replaced=replaced,
-               starts=[e for e in events if e["event"] == "start"],
-               resumes=[int(e["step"]) for e in events if e["event"] == "resume"],
-               end=end, preempted=preempted)
+               starts=[e for e in events if e[fmt.EVENT_KEY] == fmt.START],
+               resumes=[int(e["step"]) for e in events if e[fmt.EVENT_KEY] == fmt.RESUME],
+               end=end, preempted=preempted, warnings=warnings)
 
 
 def _last_launch_outcome(events: list[dict]) -> tuple[Optional[dict], Optional[dict]]:
     """The ``end`` and ``preempted`` events after the last ``start`` (a later launch makes an
     earlier end or preemption history, not the run's state)."""
-    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    starts = [i for i, e in enumerate(events) if e[fmt.EVENT_KEY] == fmt.START]
     last = events[starts[-1] + 1:] if starts else events
-    ends = [e for e in last if e["event"] == "end"]
-    stops = [e for e in last if e["event"] == "preempted"]
+    ends = [e for e in last if e[fmt.EVENT_KEY] == fmt.END]
+    stops = [e for e in last if e[fmt.EVENT_KEY] == fmt.PREEMPTED]
     return (ends[-1] if ends else None), (stops[-1] if stops else None)
 
 
@@ -148,13 +150,13 @@ def _split_at_events(data: bytes) -> tuple[list[tuple[int, int]], list[dict]]:
     splitting millions of lines; each block is then one launch's steps (or part of them).
     """
     blocks, events, pos = [], [], 0
-    while (hit := data.find(b'"event"', pos)) != -1:
+    while (hit := data.find(fmt.EVENT_MARK, pos)) != -1:
         start = data.rfind(b"\n", 0, hit) + 1
         end = data.find(b"\n", hit)
         end = len(data) if end == -1 else end + 1
         blocks.append((pos, start))
-        event = _loads(data[start:end])
-        if isinstance(event, dict) and "event" in event:
+        event = fmt.loads(data[start:end])
+        if isinstance(event, dict) and fmt.EVENT_KEY in event:
             events.append(event)
         pos = end
     blocks.append((pos, len(data)))
@@ -172,7 +174,7 @@ def _end_without_torn_line(data: bytes, start: int, end: int) -> int:
     while body_end > start and data[body_end - 1:body_end].isspace():
         body_end -= 1
     last = max(data.rfind(b"\n", start, body_end) + 1, start)
-    return end if _loads(data[last:body_end]) is not None else last
+    return end if fmt.loads(data[last:body_end]) is not None else last
 
 
 def _cut(data: bytes, start: int, end: int) -> list[tuple[int, int]]:
@@ -201,7 +203,7 @@ def _parse_steps_bulk(chunk: bytes) -> pd.DataFrame:
     """Parse a block whose lines all have the first line's keys, in order; ValueError if not."""
     # A skipped update (fp16 overflow) adds one key to its line; the figures do not use it, and
     # dropping it keeps the block uniform, so runs with many overflows stay on the fast path.
-    chunk = chunk.replace(b',"skipped":true', b"")
+    chunk = chunk.replace(_SKIPPED, b"")
     first_end = chunk.find(b"\n")
     first = json.loads(chunk[:first_end] if first_end != -1 else chunk)
     if not isinstance(first, dict) or not all(
@@ -229,8 +231,8 @@ def _parse_steps_by_line(chunk: bytes) -> pd.DataFrame:
     """The slow path: ``json.loads`` per line, skipping lines that do not parse."""
     records = []
     for line in chunk.splitlines():
-        record = _loads(line)
-        if isinstance(record, dict) and "step" in record and "event" not in record:
+        record = fmt.loads(line)
+        if isinstance(record, dict) and "step" in record and fmt.EVENT_KEY not in record:
             records.append({k: record[k] for k in STEP_FIELDS if k in record})
     frame = pd.DataFrame.from_records(records)
     return frame.apply(pd.to_numeric, errors="coerce")  # null -> NaN, stray strings -> NaN
@@ -257,7 +259,7 @@ def read_evals(path: str) -> list[dict]:
     latest: dict = {}
     with open(path, "rb") as f:
         for line in f:
-            record = _loads(line)
+            record = fmt.loads(line)
             if isinstance(record, dict) and "split" in record and "step" in record:
                 latest[(record["split"], record["step"])] = record
     return sorted(latest.values(), key=lambda record: record["step"])
@@ -265,89 +267,48 @@ def read_evals(path: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- train.log
 
-_STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| "
-_STAMP_LINE = re.compile(_STAMP)
-_STEP_LINE = re.compile(_STAMP + r"step (?P<step>\d+)/(?P<total>\d+) \| (?P<rest>.*)")
-_EVAL_LINE = re.compile(_STAMP + r"eval (?P<split>\S+) step (?P<step>\d+) \| (?P<rest>.*)")
-_RESUME_LINE = re.compile(_STAMP + r"resumed from .* at step (?P<step>\d+)")
-_STOP_LINE = re.compile(_STAMP + r"stopped: (?P<reason>.*)")
-_RUN_LINE = re.compile(
-    _STAMP + r"run .+ \| (?P<model>\S+) \| (?P<world_size>\d+) rank\(s\) x batch "
-    r"(?P<batch_size>\d+) x accum (?P<grad_accum>\d+) \| (?P<updates_per_epoch>\d+) "
-    r"updates/epoch \| (?P<total_steps>\d+) updates")
-# The parts of a step line after "step N/T", e.g. "epoch 1", "loss 0.3028", "41 img/s".
-_STEP_PARTS = {"epoch": re.compile(r"epoch (\S+)"), "loss": re.compile(r"loss (\S+)"),
-               "lr": re.compile(r"lr (\S+)"), "samples_per_s": re.compile(r"(\S+) img/s")}
-
-
 def _parse_text_log(data: bytes) -> Run:
     """A Run from train.log lines (or a Slurm log of ``log.progress: plain``).
 
     Only every ``log.interval``-th step is in such a log, with rounded values; the numbers are
     what the lines say. Times are the local-time stamps, so only differences are meaningful.
     """
-    steps, evals, starts, resumes, events, stamps = [], [], [], [], [], []
+    steps, evals, starts, resumes, events, warnings, stamps = [], [], [], [], [], [], []
     for line in data.decode("utf-8", errors="replace").splitlines():
-        if m := _STAMP_LINE.match(line):
-            stamps.append(m["stamp"])
-        if m := _STEP_LINE.match(line):
-            steps.append({"stamp": m["stamp"], "step": int(m["step"]), **_step_parts(m["rest"])})
-        elif m := _EVAL_LINE.match(line):
-            evals.append({"stamp": m["stamp"], "split": m["split"], "step": int(m["step"]),
-                          **_named_numbers(m["rest"])})
-        elif m := _RESUME_LINE.match(line):
-            resumes.append(int(m["step"]))
-        elif m := _RUN_LINE.match(line):
-            starts.append({k: v if k == "model" else int(v)
-                           for k, v in m.groupdict().items() if k != "stamp"})
-            events.append({"event": "start"})
-        elif m := _STOP_LINE.match(line):
-            # trainer.fit writes "stopped: preempted by SIGTERM" for a stop signal, which has a
-            # "preempted" event in metrics.jsonl instead of "end".
-            kind = "preempted" if m["reason"].startswith("preempted") else "end"
-            events.append({"event": kind, "reason": m["reason"]})
+        parsed = fmt.parse_line(line)
+        if parsed is None:
+            continue
+        kind, stamp, fields = parsed
+        stamps.append(stamp)
+        if kind == "step":
+            fields.pop("total")
+            steps.append({"stamp": stamp, **fields})
+        elif kind == "eval":
+            evals.append({"stamp": stamp, **fields})
+        elif kind == fmt.RESUME:
+            resumes.append(fields["step"])
+        elif kind == fmt.START:
+            starts.append(fields)
+            events.append({fmt.EVENT_KEY: fmt.START})
+        elif kind == "stop":
+            events.append(fields)  # an "end" or "preempted" event with its reason
+        elif kind == fmt.WARNING:
+            warnings.append({fmt.EVENT_KEY: fmt.WARNING, **fields})
     steps_frame, replaced = later_wins(_with_unix_time(pd.DataFrame(steps)))
     eval_records = _with_unix_time(pd.DataFrame(evals)).to_dict("records")
     latest = {(r["split"], r["step"]): r for r in eval_records}  # later wins here too
     times = _with_unix_time(pd.DataFrame({"stamp": stamps}))["time"]
     end, preempted = _last_launch_outcome(events)
     return Run(name="", source="", steps=steps_frame, replaced=replaced, starts=starts,
-               resumes=resumes, end=end, preempted=preempted,
+               resumes=resumes, end=end, preempted=preempted, warnings=warnings,
                evals=sorted(latest.values(), key=lambda r: r["step"]),
                text_wall_s=float(times.max() - times.min()) if stamps else None)
-
-
-def _step_parts(rest: str) -> dict:
-    """``"epoch 1 | loss 0.30 | lr 2.87e-03 | 41 img/s | eta 0:01:37"`` -> numbers by field."""
-    values = {}
-    for part in rest.split(" | "):
-        for name, pattern in _STEP_PARTS.items():
-            if m := pattern.fullmatch(part):
-                values[name] = _float(m[1])
-    return values
-
-
-def _named_numbers(rest: str) -> dict:
-    """``"loss 1.0803 | acc 0.6936"`` -> ``{"loss": 1.0803, "acc": 0.6936}``."""
-    values = {}
-    for part in rest.split(" | "):
-        name, _, value = part.partition(" ")
-        values[name] = _float(value)
-    return values
-
-
-def _float(text: str) -> float:
-    """``float(text)``, NaN when the text is not a number."""
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
 
 
 def _with_unix_time(frame: pd.DataFrame) -> pd.DataFrame:
     """Replace the ``stamp`` column by ``time`` in seconds (naive local time)."""
     if "stamp" not in frame:
         return frame
-    stamps = pd.to_datetime(frame.pop("stamp"), format="%Y-%m-%d %H:%M:%S")
+    stamps = pd.to_datetime(frame.pop("stamp"), format=fmt.STAMP_FORMAT)
     frame["time"] = (stamps - pd.Timestamp(0)).dt.total_seconds()
     return frame
