@@ -9,6 +9,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ddp_train", "ddp_train.*"]),
+    # ddp_train/bundled/{configs,slurm} are symlinks to the top-level folders (one copy in git);
+    # building a wheel copies the files they point at. slurm/cluster.sh is test infrastructure.
+    package_data={"ddp_train.bundled": ["configs/*.yaml", "slurm/train.sbatch",
+                                        "slurm/train_multinode.sbatch"]},
     install_requires=[
         # torch/torchvision are pinned by the user's platform (CUDA build); we only set a floor.
         "torch>=2.1",

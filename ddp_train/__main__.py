@@ -2,26 +2,66 @@
 
 Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``accelerate launch``
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
-to ``shards/digits`` on first use). ``export-weights RUN`` writes a timm-loadable weights file
-(see :mod:`ddp_train.export`); ``submit`` renders and submits a Slurm job (see
-:mod:`ddp_train.submit`); ``eval CHECKPOINT --shards DIR`` and ``predict CHECKPOINT
-IMAGES...`` run a checkpoint on one GPU or the CPU (see :mod:`ddp_train.infer`).
+to ``shards/digits`` on first use); ``--config NAME`` loads the bundled ``configs/NAME.yaml``.
+The first argument may instead name a subcommand from :data:`SUBCOMMANDS` (``submit``, ``eval``,
+``predict``, ``export-weights``), listed by ``ddp-train --help``.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import json
 import sys
+from typing import Callable
 
 from .config import ConfigError, annotated_yaml, load_config
 
 
+def _module(name: str):
+    # Subcommands import lazily: `ddp-train --help` and config errors stay fast (no torch).
+    return importlib.import_module(f".{name}", __package__)
+
+
+# name -> (one-line description for --help, entry point taking the arguments after the name).
+# This table is both the --help listing and the dispatch: a new subcommand is one line here.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "submit": ("render an sbatch script for a config and submit it to Slurm",
+               lambda argv: _module("submit").main(argv)),
+    "eval": ("evaluate a checkpoint on a split of packed shards",
+             lambda argv: _module("infer").main("eval", argv)),
+    "predict": ("classify images, folders or a shard split with a checkpoint",
+                lambda argv: _module("infer").main("predict", argv)),
+    "export-weights": ("write a timm-loadable weights file from a checkpoint",
+                       lambda argv: _module("export").main(argv)),
+}
+
+
+def _subcommand_help() -> str:
+    width = max(map(len, SUBCOMMANDS)) + 2
+    rows = "\n".join(f"  {name:<{width}}{text}" for name, (text, _) in SUBCOMMANDS.items())
+    return ("subcommands (ddp-train <subcommand> --help for its options):\n" + rows + "\n\n"
+            "Examples:\n"
+            "  ddp-train                                   train the bundled demo (digits)\n"
+            "  ddp-train --config digits --print-config    show a bundled config, resolved\n"
+            "  torchrun --nproc_per_node=4 -m ddp_train --config my.yaml train.epochs=30\n"
+            "  ddp-train submit --config my.yaml --gpus 4 --dry-run")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line: ``[--config FILE] [--resume auto|PATH] [--print-config] [key=value ...]``."""
-    p = argparse.ArgumentParser(prog="ddp-train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config file (default: the bundled demo)")
-    p.add_argument("--resume", help="'auto' (newest loadable checkpoint) or a checkpoint path; "
-                   "same as run.resume=...")
+    """Training command line: ``[--config FILE|NAME] [--resume auto|PATH] [--print-config]
+    [key=value ...]``; ``--help`` also lists :data:`SUBCOMMANDS`."""
+    p = argparse.ArgumentParser(
+        prog="ddp-train",
+        description="Train a timm image classifier from a YAML config plus dotted overrides.",
+        usage="%(prog)s [-h] [--config FILE|NAME] [--resume auto|PATH] [--print-config] "
+              "[key=value ...]\n       %(prog)s <subcommand> [...]",
+        epilog=_subcommand_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE|NAME",
+                   help="YAML config file, or the name of a bundled config (e.g. digits; "
+                        "default: the bundled demo)")
+    p.add_argument("--resume", metavar="auto|PATH", help="'auto' (newest loadable checkpoint) or "
+                   "a checkpoint path; same as run.resume=...")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults + file + overrides) and exit")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment it also
@@ -39,18 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     after writing a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 SIGINT); 124 watchdog (hang).
     """
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export-weights"]:
-        from .export import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["submit"]:
-        from .submit import main as submit_main
-
-        return submit_main(argv[1:])
-    if argv[:1] in (["eval"], ["predict"]):
-        from .infer import main as infer_main
-
-        return infer_main(argv[0], argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]][1](argv[1:])
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
+        if close:  # checked first: its options would otherwise fail as unknown training options
+            print(f"ddp-train: error: unknown subcommand {argv[0]!r} (did you mean {close[0]!r}? "
+                  "ddp-train --help lists them)", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     # JSON-quote the path so YAML reads it as a string whatever it looks like ("yes", "1").
     resume = [f"run.resume={json.dumps(args.resume)}"] if args.resume else []

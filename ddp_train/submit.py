@@ -1,11 +1,12 @@
 """``ddp-train submit``: render an sbatch script for a config and submit it to Slurm.
 
-The script is ``slurm/train.sbatch`` (one node) or ``slurm/train_multinode.sbatch`` (several)
-with its ``#SBATCH`` lines replaced by the options given here, the config and overrides baked in,
-and, for ``--sweep``, a job array with one override combination per array task. The config is
-validated (for every combination) before anything is written or submitted. The rendered file is
-kept next to the Slurm logs in ``<run.dir>/slurm/`` (or ``--out``) so the job can be resubmitted
-with plain ``sbatch FILE``. See docs/slurm.md.
+The script is ``slurm/train.sbatch`` (one node) or ``slurm/train_multinode.sbatch`` (several),
+read from the installed package (:mod:`ddp_train.bundled`), with its ``#SBATCH`` lines replaced
+by the options given here, the config and overrides baked in, and, for ``--sweep``, a job array
+with one override combination per array task. The config is validated (for every combination)
+before anything is written or submitted. The rendered file is kept next to the Slurm logs in
+``<run.dir>/slurm/`` (or ``--out``) so the job can be resubmitted with plain ``sbatch FILE``.
+See docs/slurm.md.
 
     ddp-train submit --config configs/gpu_4x32_resnet50.yaml --nodes 2 --gpus 4 --time 2-00:00:00 \\
         --partition gpu --sweep optim.lr=1e-3,3e-3 data.shards=/shared/imagenet
@@ -22,9 +23,10 @@ import sys
 import time
 from typing import Optional
 
+from .bundled import template
 from .config import ConfigError, load_config
+from .config.load import resolve_config_path
 
-TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
 BODY_MARKER = "# ---- body: `ddp-train submit` copies the script from this line on ----"
 
 
@@ -37,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ddp-train submit",
                                 description="Render an sbatch script for a config and submit it "
                                             "to Slurm (docs/slurm.md).")
-    p.add_argument("--config", help="YAML config file (default: the bundled demo)")
+    p.add_argument("--config", metavar="FILE|NAME",
+                   help="YAML config file or bundled config name (default: the bundled demo)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus", type=int, default=1,
                    help="GPUs per node, one rank each (0 = CPU only; default 1)")
@@ -89,24 +92,22 @@ def sweep_combinations(sweeps: list[str]) -> list[list[str]]:
 
 
 def template_body(nodes: int) -> tuple[str, str]:
-    """(template path, its body from the marker line on) for a job on ``nodes`` nodes."""
-    path = os.path.join(TEMPLATES, "train.sbatch" if nodes == 1 else "train_multinode.sbatch")
+    """(template name, its body from the marker line on) for a job on ``nodes`` nodes."""
+    name = "train.sbatch" if nodes == 1 else "train_multinode.sbatch"
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = template(name)
     except OSError as e:
-        raise SubmitError(f"cannot read the sbatch template {path} ({e.strerror}); submit needs "
-                          "the repository's slurm/ folder next to the ddp_train package") from None
+        raise SubmitError(f"cannot read the sbatch template: {e}") from None
     if BODY_MARKER not in text:
-        raise SubmitError(f"{path}: marker line {BODY_MARKER!r} is missing")
-    return path, text[text.index(BODY_MARKER):]
+        raise SubmitError(f"slurm/{name}: marker line {BODY_MARKER!r} is missing")
+    return name, text[text.index(BODY_MARKER):]
 
 
 def render(args: argparse.Namespace, run_dir: str, run_name: str,
            combos: list[list[str]]) -> str:
     """The complete sbatch script for these options (see the module docstring)."""
     job_name = args.job_name or run_name
-    template, body = template_body(args.nodes)
+    template_name, body = template_body(args.nodes)
     ranks = args.ranks_per_node or max(args.gpus, 1)
     log_dir = os.path.join(run_dir, "slurm")
     array = len(combos) > 1
@@ -127,10 +128,11 @@ def render(args: argparse.Namespace, run_dir: str, run_name: str,
     if array:
         sbatch.append(f"--array=0-{len(combos) - 1}")
     sbatch += args.sbatch_option
-    config = os.path.abspath(args.config) if args.config else ""
+    # A bundled name becomes its file's absolute path: the job runs the same installed package.
+    config = os.path.abspath(resolve_config_path(args.config)) if args.config else ""
     lines = ["#!/bin/bash",
              f"# Rendered by `ddp-train submit` on {time.strftime('%Y-%m-%d %H:%M:%S')} from "
-             f"slurm/{os.path.basename(template)}.",
+             f"slurm/{template_name}.",
              "# Resubmit with `sbatch THIS_FILE`; see docs/slurm.md.",
              *(f"#SBATCH {opt}" for opt in sbatch), "",
              f"export GPUS={ranks}",

@@ -14,8 +14,10 @@ import sys
 import pytest
 import yaml
 
-from ddp_train.config import (Config, ConfigError, annotated_yaml, describe, from_dict,
-                              load_config)
+from ddp_train.bundled import bundled_configs, config_path, template
+from ddp_train.config import (Config, ConfigError, RunConfig, annotated_yaml, describe,
+                              from_dict, load_config)
+from ddp_train.config.load import resolve_config_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -251,6 +253,79 @@ def test_gpu_recipe_is_what_it_says():
     assert cfg.early_stop.metric == "macro_f1" and cfg.early_stop.patience > 0
 
 
+# ------------------------------------------------------------- bundled configs and templates
+
+def test_bundled_configs_are_the_files_of_configs():
+    names = {os.path.basename(p)[:-len(".yaml")] for p in CONFIGS}
+    assert set(bundled_configs()) == names and "digits" in names
+    for name in names:  # through the package's symlink, the very same files
+        assert os.path.samefile(config_path(name), os.path.join(ROOT, "configs", f"{name}.yaml"))
+    for name in ("train.sbatch", "train_multinode.sbatch"):
+        with open(os.path.join(ROOT, "slurm", name), encoding="utf-8") as f:
+            assert template(name) == f.read()
+    with pytest.raises(FileNotFoundError):
+        template("cluster.sh")  # test infrastructure, not a template
+
+
+def test_bundled_name_loads_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("digits") == load_config(os.path.join(ROOT, "configs", "digits.yaml"))
+    cfg = load_config("gpu_4x32_resnet50", ["data.shards=/data/defects"])
+    assert (cfg.model.name, cfg.run.name) == ("resnet50", "resnet50")  # the file's run.name
+
+
+def test_existing_file_wins_over_a_bundled_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "seed: 5\n", name="digits")
+    assert load_config("digits").seed == 5
+    assert resolve_config_path("digits") == "digits"
+
+
+def test_unknown_bundled_name_lists_the_bundled_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = error_of("digist")
+    assert message.startswith("--config digist: no such file, and not a bundled config "
+                              "(bundled: ")
+    assert "digits" in message and "gpu_4x32_resnet50" in message
+    # Something that looks like a path stays a path: the usual missing-file error.
+    assert error_of("digits.yaml").startswith("digits.yaml: cannot read config")
+    assert error_of("sub/digits").startswith("sub/digits: cannot read config")
+
+
+# ------------------------------------------------------------------------- default run name
+
+@pytest.mark.parametrize("shards,name", [
+    ("shards/digits", "digits"),
+    ("shards/defects", "defects"),
+    ("/data/shards/defects/", "defects"),
+    ("https://host/datasets/defects", "defects"),
+    ("s3://bucket/ds/", "ds"),
+    ("pipe:aws s3 cp s3://bucket/ds/{} -", "ds"),
+])
+def test_run_name_defaults_to_the_shards_folder(shards, name):
+    assert load_config(None, [f"data.shards={shards}"]).run.name == name
+
+
+def test_run_name_set_in_file_or_override_wins(tmp_path):
+    path = write(tmp_path, "run:\n  name: exp1\ndata:\n  shards: shards/defects\n")
+    assert load_config(path).run.name == "exp1"
+    assert load_config(path, ["run.name=exp2"]).run.name == "exp2"
+    assert load_config(path, ["run.name="]).run.name == "defects"  # '' = from the shards
+    assert load_config(os.path.join(ROOT, "configs", "digits.yaml"),
+                       ["data.shards=shards/defects"]).run.name == "digits"
+
+
+def test_run_name_is_resolved_in_the_printed_config():
+    cfg = load_config(None, ["data.shards=shards/defects"])
+    assert "  name: defects  #" in annotated_yaml(cfg)
+    assert RunConfig().name == "" and Config().run.name == "digits"
+
+
+def test_run_name_validation():
+    assert "run.name: must be a non-empty name without '/'" in error_of(None, ["run.name=a/b"])
+    assert "run.name: cannot be derived from data.shards '/'" in error_of(None, ["data.shards=/"])
+
+
 # ---------------------------------------------------------------------------- docs in sync
 
 def load_generator():
@@ -301,6 +376,7 @@ CLI_CASES = {
     "intermixed": ({"yes": "a checkpoint file named yes"},
                    ["seed=1", "--resume", "yes", "train.epochs=2", "--print-config"]),
     "missing_resume": ({}, ["--resume", "nope.pt", "data.num_workers=0"]),
+    "unknown_bundled_name": ({}, ["--config", "digist"]),
 }
 
 
@@ -331,6 +407,8 @@ def cli(tmp_path_factory):
                         "[in command-line override]"),
     ("bad_value_in_file", "ddp-train: error: train.batch_size: must be >= 1 [in neg.yaml]"),
     ("missing_resume", "ddp-train: error: run.resume: nope.pt is not a checkpoint file"),
+    ("unknown_bundled_name", "ddp-train: error: --config digist: no such file, and not a "
+                             "bundled config (bundled: "),
 ])
 def test_cli_config_error_is_one_line_and_exit_2(cli, name, expected):
     proc = cli[name]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any
 
 import yaml
 
+from ..bundled import bundled_configs, config_path
 from .fields import ConfigError, check
 from .root import Config
 
@@ -116,14 +118,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def resolve_config_path(path: str) -> str:
+    """The file ``--config path`` means: ``path`` itself, or the bundled config of that name.
+
+    A bare name (no folder, no ``.yaml``) that is not an existing file names a bundled config,
+    so ``--config digits`` works from any directory and after a non-editable install; an
+    existing file always wins, so a local ``digits`` file is never shadowed.
+    """
+    if os.path.exists(path) or os.sep in path or "/" in path or path.endswith((".yaml", ".yml")):
+        return path
+    found = config_path(path)
+    if found is None:
+        names = ", ".join(bundled_configs()) or "none installed"
+        raise ConfigError(f"--config {path}: no such file, and not a bundled config "
+                          f"(bundled: {names})")
+    return found
+
+
 def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read YAML ``path`` (or the defaults), apply ``key=value`` overrides, validate, return Config.
 
-    Errors are :class:`ConfigError` with one line that names the key and, for file keys, the file.
+    ``path`` is a file or a bundled config name (:func:`resolve_config_path`). Errors are
+    :class:`ConfigError` with one line that names the key and, for file keys, the file.
     """
     tree: dict = {}
     where = "defaults"
     if path:
+        path = resolve_config_path(path)
         where = path
         try:
             with open(path, encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,26 @@ class Config:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and dataclasses.is_dataclass(_hint(Config, f.name)):
                 setattr(self, f.name, _hint(Config, f.name)())
+        if not self.run.name:
+            # Resolved here, when the config is built, so --print-config and <run>/config.yaml
+            # show the real name. A copy: a RunConfig shared between Configs stays unresolved.
+            self.run = dataclasses.replace(self.run, name=default_run_name(self.data.shards))
         check_across_sections(self)
+
+
+def default_run_name(shards: str) -> str:
+    """The run name when ``run.name`` is '': the name of the dataset folder ``shards``.
+
+    ``shards/defects`` -> ``defects``; a URL prefix or ``{}`` template gives its last path
+    component (``s3://bucket/ds`` and ``pipe:aws s3 cp s3://bucket/ds/{} -`` -> ``ds``).
+    """
+    folder = shards.split("{}", 1)[0]  # a template: the folder the file name is put into
+    if "://" in folder or folder.startswith("pipe:"):
+        name = folder.rstrip("/").rsplit("/", 1)[-1].strip()
+    else:  # a local folder: abspath so "." and "shards/defects/" give a real folder name
+        name = os.path.basename(os.path.abspath(folder))
+    check(bool(name), "run.name", f"cannot be derived from data.shards {shards!r}: set run.name")
+    return name
 
 
 def _hint(cls: type, name: str) -> Any:

@@ -17,14 +17,15 @@ from .fields import check, doc, one_of
 class RunConfig:
     """Where a run lives."""
 
-    name: str = doc("digits", "run name; the run folder is <run.dir>/<name>-<YYYYmmdd-HHMMSS>")
+    name: str = doc("", "run name ('' = the data.shards folder's name, e.g. defects for "
+                    "shards/defects); the run folder is <run.dir>/<name>-<YYYYmmdd-HHMMSS>")
     dir: str = doc("runs", "parent folder of run folders")
     path: str = doc("", "exact run folder to use or resume (overrides name/dir naming)")
     resume: str = doc("", "'' = new run, 'auto' = newest loadable checkpoint, or a checkpoint path")
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name "
-              "without '/'")
+        # '' is filled in from data.shards by Config (root.py), which checks it is non-empty.
+        check("/" not in self.name, "run.name", "must be a non-empty name without '/'")
         # Checked with the config, before anything is packed or created, so a typo costs nothing.
         check(self.resume in ("", "auto") or os.path.exists(self.resume), "run.resume",
               f"{self.resume} is not a checkpoint file")
