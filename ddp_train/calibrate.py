@@ -8,7 +8,7 @@ logits by T > 0 never changes the argmax: accuracy and F1 stay the same, NLL and
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,22 @@ def describe(rep: dict) -> str:
     return (f"temperature {rep['temperature']:.4f} on {rep['samples']} samples | "
             f"NLL {rep['nll_before']:.4f} -> {rep['nll_after']:.4f} | "
             f"ECE {rep['ece_before']:.4f} -> {rep['ece_after']:.4f}")
+
+
+class FittedTemperature:
+    """The temperature fitted at the end of training (None before): a checkpoint part, so a
+    run resumed after calibration (e.g. preempted during the test eval) keeps it."""
+
+    def __init__(self) -> None:
+        self.value: Optional[float] = None
+
+    def state_dict(self) -> dict:
+        """``{"temperature": T or None}``."""
+        return {"temperature": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.value = state["temperature"]
 
 
 class TemperatureScaled(nn.Module):

@@ -57,6 +57,8 @@ class WeightsEma(NoEma):
         broadcast_tensors(self.dist, list(self.module.buffers()))
 
     def state_dict(self) -> Optional[dict[str, Any]]:
+        """Rank 0's EMA (collective: buffers are synced first, so all ranks agree)."""
+        self.sync()
         return self.module.state_dict()
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
@@ -67,15 +69,15 @@ class WeightsEma(NoEma):
 
 
 def build_ema(cfg: EmaConfig, model: nn.Module, dist: DistInfo, *,
-              zero_stage: int = 0) -> NoEma:
+              replicated: bool = True) -> NoEma:
     """A :class:`WeightsEma` of ``model`` (the engine's bare, device-placed model), or NoEma.
 
-    ZeRO-3 is refused: each rank holds only a slice of every parameter, so there is no full
-    model to average on a rank.
+    ``replicated`` is the engine's answer to "does every rank hold whole weights?": under ZeRO-3
+    each rank holds only a slice of every parameter, so there is no full model to average.
     """
     if not cfg.enabled:
         return NoEma()
-    if zero_stage >= 3:
-        raise ConfigError("ema.decay: an EMA needs whole weights on each rank; ZeRO-3 partitions "
-                          "them (use zero_optimization.stage <= 2)")
+    if not replicated:
+        raise ConfigError("ema.decay: an EMA needs whole weights on each rank; this engine "
+                          "partitions them (ZeRO-3: use zero_optimization.stage <= 2)")
     return WeightsEma(cfg, model, dist)

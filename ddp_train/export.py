@@ -14,28 +14,10 @@ import sys
 from . import checkpoint as ckpt
 
 
-def find_checkpoint(run: str) -> str:
-    """``run`` itself when it is a checkpoint, else ``<run>/checkpoints/last`` (.pt or folder)."""
-    folder = os.path.join(run, "checkpoints")
-    if os.path.isdir(folder):
-        for name in (ckpt.LAST + ".pt", ckpt.LAST):
-            if os.path.exists(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-        raise FileNotFoundError(f"{folder} holds no last checkpoint")
-    if not os.path.exists(run):
-        raise FileNotFoundError(f"{run}: no such run folder or checkpoint")
-    return run
-
-
 def export_weights(run: str, out: str = "") -> str:
     """Write the model weights of ``run``'s checkpoint to ``out`` (default: next to it)."""
-    path = find_checkpoint(run)
-    if os.path.isdir(path):  # a DeepSpeed checkpoint folder
-        from .engine_deepspeed import consolidated_state_dict  # imports deepspeed lazily
-
-        weights = consolidated_state_dict(path)
-    else:
-        weights = ckpt.load(path)["model"]
+    path = ckpt.find_checkpoint(run)
+    weights = ckpt.read_weights(path)
     out = out or os.path.splitext(path.rstrip("/"))[0] + ".weights.pt"
     meta = {k: v for k, v in (ckpt.read_meta(path) or {}).items()
             if k in ("model_name", "num_classes", "classes", "image_size", "step", "epoch",

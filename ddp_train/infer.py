@@ -84,11 +84,10 @@ def _config(path: str, meta: dict) -> Config:
 
 def load_checkpoint(path: str, device: str = "auto") -> Loaded:
     """Rebuild the model of checkpoint ``path`` (see the module doc) with its weights loaded."""
-    from .export import find_checkpoint
     from .models import build_model
 
     try:
-        path = find_checkpoint(path)
+        path = ckpt.find_checkpoint(path)
     except FileNotFoundError as e:
         raise InferenceError(str(e)) from None
     meta = ckpt.read_meta(path)
@@ -101,12 +100,7 @@ def load_checkpoint(path: str, device: str = "auto") -> Loaded:
     classes = classes or [str(i) for i in range(num_classes)]
     inputs = meta.get("inputs") or {}
     try:
-        if os.path.isdir(path):  # a DeepSpeed checkpoint folder
-            from .engine_deepspeed import consolidated_state_dict
-
-            weights = consolidated_state_dict(path)
-        else:
-            weights = ckpt.load(path)["model"]
+        weights = ckpt.read_weights(path)
         model = build_model(cfg.model, num_classes, cfg.multimodal, inputs)
         model.load_state_dict(weights)
     except (ckpt.CheckpointError, ConfigError, KeyError, RuntimeError) as e:

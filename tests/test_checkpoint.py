@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, sidecars, weights_only state, RNG, resume, pruning, timm loading."""
+import dataclasses
 import json
 import os
 import random
@@ -186,7 +187,7 @@ def test_no_step_files_when_keep_last_is_zero(tmp_path):
 def test_only_rank_zero_writes(tmp_path):
     m = manager(tmp_path, keep_last=2, dist=DistInfo(rank=1, world_size=2))
     assert m.save(tiny_state(1), {}, step=1, epoch=0, periodic=True) is None
-    assert m.save_best(tiny_state(1), {}) is None
+    assert m.save_best(tiny_state(1), {}, step=1, epoch=0) is None
     assert not os.path.exists(m.directory)
 
 
@@ -195,7 +196,7 @@ def test_resume_auto_picks_newest_loadable(tmp_path):
     assert m.resume_path("auto") is None  # nothing saved yet
     for step in (1, 2, 3):
         m.save(tiny_state(step), {}, step=step, epoch=0, periodic=True)
-    m.save_best(tiny_state(3), {})  # best.pt is never a resume candidate
+    m.save_best(tiny_state(3), {}, step=3, epoch=0)  # best.pt is never a resume candidate
     assert m.resume_path("auto") == m.path("last.pt")  # ties with step 3: last.pt wins
 
     truncate(m.path("last.pt"))
@@ -225,7 +226,7 @@ def test_best_loads_into_timm_create_model(tmp_path):
     model = timm.create_model("test_resnet", num_classes=3)
     m = manager(tmp_path)
     state = {"model": model.state_dict(), "ema": None, "step": 10, "epoch": 1}
-    path = m.save_best(state, {"model_name": "test_resnet", "num_classes": 3})
+    path = m.save_best(state, {"model_name": "test_resnet", "num_classes": 3}, step=10, epoch=1)
     assert ckpt.read_meta(path)["step"] == 10
     torch.manual_seed(1)  # different init, so equality below proves the load
     loaded = timm.create_model("test_resnet", num_classes=3, checkpoint_path=path)
@@ -242,3 +243,69 @@ def test_config_hash_is_canonical():
     assert config_hash(cfg) == config_hash(Config())
     cfg.train.batch_size = 64
     assert config_hash(cfg) != config_hash(Config())
+
+
+class Counter:
+    """A stateful part: ``state_dict`` / ``load_state_dict`` of one number."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def test_parts_round_trip_through_a_file(tmp_path):
+    parts = {"a": Counter(3), "b": Counter(5), "rng": ckpt.RngStates(MAIN)}
+    path = str(tmp_path / "x.pt")
+    ckpt.save_atomic(path, ckpt.capture(parts), {})
+    draw = torch.rand(2)
+    back = {"a": Counter(), "b": Counter(), "rng": ckpt.RngStates(MAIN)}
+    ckpt.restore(back, ckpt.load(path), source=path)
+    assert (back["a"].n, back["b"].n) == (3, 5)
+    assert torch.equal(torch.rand(2), draw)  # the RNG state came back too
+
+
+def test_restore_refuses_entries_nobody_reads_or_misses(tmp_path):
+    with pytest.raises(CheckpointError, match=r"missing \['b'\], unexpected \['c'\]"):
+        ckpt.restore({"a": Counter(), "b": Counter()}, {"a": {"n": 1}, "c": {"n": 2}}, "x.pt")
+
+
+def test_format_1_state_is_upgraded_on_restore():
+    guard = Counter(7)  # a part added after format 1: keeps its fresh state
+    parts = {"step": Counter(), "loader": Counter(), "nonfinite": guard}
+    ckpt.restore(parts, {"step": {"n": 12}, "epoch": 1, "config_hash": "0" * 12,
+                         "loader": {"n": 4}})
+    assert (parts["step"].n, parts["loader"].n, guard.n) == (12, 4, 7)
+    with pytest.raises(CheckpointError, match=r"unexpected \['epoch'\]"):  # not format 1
+        ckpt.restore({"step": Counter()}, {"step": {"n": 1}, "epoch": 1})
+
+
+def test_config_diff_names_changed_keys():
+    old, new = Config(), Config()
+    new.optim.lr, new.train.epochs, new.run.resume = 1e-4, 20, "auto"
+    new.engine.deepspeed = {"zero_optimization": {"stage": 2}}
+    diff = ckpt.config_diff(dataclasses.asdict(old), dataclasses.asdict(new))
+    assert diff == {"engine.deepspeed": [{}, {"zero_optimization": {"stage": 2}}],
+                    "optim.lr": [old.optim.lr, 1e-4], "train.epochs": [8, 20]}  # not run.resume
+    assert ckpt.describe_diff({"train.epochs": [8, 20]}) == "train.epochs 8 -> 20"
+    assert ckpt.config_diff({"a": {"x": 1}}, {"a": {"y": 1}}) == {"a.x": [1, None],
+                                                                  "a.y": [None, 1]}
+
+
+def test_weights_from_run_folder_file_and_export(tmp_path):
+    m = manager(tmp_path)
+    m.save(tiny_state(4), {}, step=4, epoch=0, periodic=False)
+    run = str(tmp_path)
+    os.rename(m.directory, os.path.join(run, "checkpoints"))
+    last = os.path.join(run, "checkpoints", "last.pt")
+    assert ckpt.find_checkpoint(run) == last and ckpt.find_checkpoint(last) == last
+    assert torch.equal(ckpt.read_weights(last)["w"], torch.full((4,), 4.0))
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        ckpt.find_checkpoint(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="holds no last checkpoint"):
+        ckpt.find_checkpoint(str(tmp_path / "empty"))

@@ -18,7 +18,7 @@ from conftest import ROOT, read_json, run_torchrun, torchrun_env
 from ddp_train.config import ConfigError
 from ddp_train.demo import ensure_digits
 from ddp_train.dist import DistInfo
-from ddp_train.engine_deepspeed import deepspeed_config
+from ddp_train.engine.deepspeed_engine import deepspeed_config
 from ddp_train.export import export_weights
 
 pytest.importorskip("deepspeed")

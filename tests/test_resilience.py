@@ -280,7 +280,7 @@ def test_low_disk_space_refuses_to_start_a_checkpoint(tmp_path, monkeypatch):
 
     manager = ckpt.CheckpointManager(CheckpointConfig(), str(tmp_path), DistInfo())
     manager.save({"x": torch.ones(4)}, {}, step=1, epoch=0, periodic=False)
-    monkeypatch.setattr(ckpt, "MIN_FREE_BYTES", 2**62)  # more than any disk has free
+    monkeypatch.setattr(ckpt.manager, "MIN_FREE_BYTES", 2**62)  # more than any disk has free
     with pytest.raises(OSError, match="not enough free disk"):
         manager.save({"x": torch.zeros(4)}, {}, step=2, epoch=0, periodic=False)
     assert torch.equal(ckpt.load(manager.path("last.pt"))["x"], torch.ones(4))  # untouched

@@ -205,6 +205,20 @@ def test_resume_auto_in_place_appends_logs(digits, tmp_path):
     assert os.path.exists(os.path.join(run, "config-1.yaml"))  # the changed config kept
 
 
+def test_resume_reports_the_config_keys_that_changed(digits, tmp_path):
+    run = tmp_path / "run"
+    train(_quick(digits, run, "train.max_steps=2", "eval.every_epoch=false"), DistInfo())
+    train(_quick(digits, run, "train.max_steps=3", "eval.every_epoch=false", "optim.lr=0.001",
+                 "run.resume=auto"), DistInfo())
+    changed = [r for r in _records(os.path.join(run, "metrics.jsonl"))
+               if r.get("event") == "config_changed"]
+    assert len(changed) == 1 and changed[0]["step"] == 2
+    assert changed[0]["changes"] == {"optim.lr": [0.003, 0.001], "train.max_steps": [2, 3]}
+    log = open(os.path.join(run, "train.log")).read()
+    assert "WARNING: config changed since" in log
+    assert "optim.lr 0.003 -> 0.001; train.max_steps 2 -> 3" in log
+
+
 def test_early_stop_on_target(digits, tmp_path):
     result = train(_quick(digits, tmp_path / "run", "train.epochs=3", "eval.every_steps=4",
                           "early_stop.target=0.3"), DistInfo())

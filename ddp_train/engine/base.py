@@ -1,4 +1,4 @@
-"""The seam between the training loop and how forward/backward/step run: one process, DDP, DeepSpeed.
+"""The engine interface, and the single-process engine that implements it.
 
 The loop drives every engine the same way, once per micro-batch::
 
@@ -8,32 +8,34 @@ The loop drives every engine the same way, once per micro-batch::
     engine.backward(loss)
     out = engine.step()  # None inside an accumulation window, StepOutput on its last micro-batch
 
-Checkpoints go through ``engine.save_checkpoint(path, client_state, meta)`` and
-``engine.load_checkpoint(path)``, called on every rank.
+Besides that the engine answers what the trainer would otherwise have to ask the wrapped model
+or the engine config: mixed precision for evaluation (:meth:`Engine.eval_autocast`), whether each
+rank holds whole weights (:attr:`Engine.replicated_weights`, which an EMA needs), whether the
+bare model's forward is collective (ZeRO-3), and how to write and read a checkpoint
+(:meth:`Engine.save_checkpoint` / :meth:`Engine.load_checkpoint`, called on every rank).
 
-``build_engine`` moves the model to the device (and channels_last), then wraps it (DDP) and
-finally compiles it. :class:`~ddp_train.engine_deepspeed.DeepSpeedEngine` subclasses
-:class:`Engine` and overrides the wrapping, ``backward``, ``step`` and the checkpoint methods,
-since DeepSpeed owns the loss scaling, the accumulation boundary and the (partitioned) optimizer
-state. This is the only module that imports DistributedDataParallel.
+:class:`Engine` is the one-process engine; ``ddp.py`` and ``deepspeed.py`` subclass it and
+override the wrapping (and DeepSpeed also ``backward``, ``step`` and the checkpoint methods).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any, ContextManager, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
-from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as ckpt
-from .config import ConfigError, EngineConfig
-from .dist import DistInfo, broadcast_tensors
+from .. import checkpoint as ckpt
+from ..config import EngineConfig
+from ..dist import DistInfo, broadcast_tensors
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# What a .pt checkpoint holds for the engine itself; the rest of the file is the client state.
+ENGINE_KEYS = ("model", "optimizer", "scaler")
 
 
 class StepOutput(NamedTuple):
@@ -51,9 +53,13 @@ class Engine:
     checkpoint_suffix = ".pt"  # one weights_only-safe file, written by rank 0
 
     def __init__(self, cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 dist: DistInfo, *, grad_accum: int = 1, clip_grad: float = 0.0,
-                 channels_last: bool = False, compile: bool = False) -> None:
-        """Wrap (and compile) ``model``, already on ``dist.device``; prefer :func:`build_engine`."""
+                 dist: DistInfo, *, batch_size: int = 1, grad_accum: int = 1,
+                 clip_grad: float = 0.0, channels_last: bool = False,
+                 compile: bool = False) -> None:
+        """Wrap (and compile) ``model``, already on ``dist.device``; prefer ``build_engine``.
+
+        ``batch_size`` (per rank and micro-batch) is unused here; DeepSpeed's config needs it.
+        """
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.cfg = cfg
@@ -106,6 +112,17 @@ class Engine:
         return False
 
     @property
+    def replicated_weights(self) -> bool:
+        """True when every rank holds the whole model (what an EMA of the weights needs)."""
+        return True
+
+    def eval_autocast(self) -> ContextManager:
+        """Mixed precision for evaluation: the training precision, without DDP's no_sync."""
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._amp_dtype)
+
+    @property
     def is_boundary(self) -> bool:
         """True when the current micro-batch is the last of its accumulation window."""
         return (self.micro_step + 1) % self.grad_accum == 0
@@ -125,9 +142,7 @@ class Engine:
     def autocast(self) -> Iterator[None]:
         """Context for the forward pass: mixed precision, and DDP's no_sync off the boundary."""
         sync = contextlib.nullcontext() if self.is_boundary else self._no_sync()
-        amp = (torch.autocast(self.device.type, dtype=self._amp_dtype)
-               if self._amp_dtype is not None else contextlib.nullcontext())
-        with sync, amp:
+        with sync, self.eval_autocast():
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -190,7 +205,8 @@ class Engine:
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any],
                         meta: dict[str, Any]) -> None:
-        """Call on every rank: rank 0 atomically writes :meth:`state_dict` + ``client_state``.
+        """Call on every rank: rank 0 atomically writes :meth:`state_dict` + ``client_state``
+        (whose keys must not be :data:`ENGINE_KEYS`).
 
         The state is identical on every rank (same start, all-reduced gradients): one copy.
         """
@@ -198,61 +214,7 @@ class Engine:
             ckpt.save_atomic(path, {**self.state_dict(), **client_state}, meta)
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Load ``path`` into model, optimizer and scaler; return the whole saved dict."""
+        """Load ``path`` into model, optimizer and scaler; return the rest (the client state)."""
         state = ckpt.load(path, map_location="cpu")
         self.load_state_dict(state)
-        return state
-
-
-class DDPEngine(Engine):
-    """DistributedDataParallel: gradients are averaged over ranks during backward."""
-
-    name = "ddp"
-
-    def _wrap(self, model: nn.Module, dist: DistInfo) -> nn.Module:
-        # DDP broadcasts rank 0's parameters and buffers here, so all ranks start identical.
-        self._ddp = DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.find_unused_parameters,
-            gradient_as_bucket_view=True)  # grads live in the all-reduce buckets: no extra copy
-        return self._ddp
-
-    def _no_sync(self) -> ContextManager:
-        # Off the boundary skip the gradient all-reduce: grads accumulate locally and the
-        # boundary micro-batch all-reduces the accumulated sum once. DDP decides at *forward*
-        # time whether the following backward syncs, so this wraps the forward (autocast()),
-        # not backward(): a no_sync around backward alone would still all-reduce.
-        return self._ddp.no_sync()
-
-
-def build_engine(cfg: EngineConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 dist: DistInfo, *, batch_size: int = 1, grad_accum: int = 1,
-                 clip_grad: float = 0.0, channels_last: bool = False,
-                 compile: bool = False) -> Engine:
-    """Move ``model`` to ``dist.device``, wrap it per ``cfg.name`` (auto: ddp when distributed).
-
-    ``optimizer`` must already hold ``model``'s parameters; moving the model keeps the same
-    Parameter objects, so it stays valid. Load checkpoints into the engine after building it.
-    ``batch_size`` (per rank and micro-batch) only matters to DeepSpeed, whose config needs it.
-    """
-    name = cfg.name if cfg.name != "auto" else ("ddp" if dist.distributed else "local")
-    if name == "ddp" and not dist.distributed:
-        raise ConfigError("engine.name: ddp needs a process group: launch with torchrun "
-                          "--nproc_per_node>1 (or use engine.name=auto/local)")
-    if dist.device.type == "cuda":
-        # Fixed input size: cuDNN benchmarks conv algorithms on the first batch and reuses the
-        # fastest for every later step.
-        torch.backends.cudnn.benchmark = True
-    if cfg.precision == "fp16" and dist.device.type == "cpu":
-        warnings.warn("engine.precision=fp16 on CPU works but is slow; use bf16 or fp32 on CPU",
-                      stacklevel=2)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(dist.device, memory_format=memory_format)
-    kwargs: dict[str, Any] = dict(grad_accum=grad_accum, clip_grad=clip_grad,
-                                  channels_last=channels_last, compile=compile)
-    if name == "deepspeed":
-        from .engine_deepspeed import DeepSpeedEngine  # lazy: deepspeed is an optional extra
-
-        return DeepSpeedEngine(cfg, model, optimizer, dist, batch_size=batch_size, **kwargs)
-    engine_cls = DDPEngine if name == "ddp" else Engine
-    return engine_cls(cfg, model, optimizer, dist, **kwargs)
+        return {k: v for k, v in state.items() if k not in ENGINE_KEYS}

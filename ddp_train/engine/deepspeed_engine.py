@@ -11,7 +11,6 @@ files. This is the only module that imports deepspeed, and only when the engine 
 from __future__ import annotations
 
 import copy
-import glob
 import importlib
 import os
 from typing import Any, Optional
@@ -19,10 +18,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from .config import ConfigError
-from .dist import DistInfo, barrier
-from .engine import Engine, StepOutput
+from .. import checkpoint as ckpt
+from ..config import ConfigError
+from ..dist import DistInfo, barrier
+from .base import Engine, StepOutput
 
 # ddp-train keys -> DeepSpeed keys it sets (for the error message naming both).
 _OWNED = {"train_micro_batch_size_per_gpu": "train.batch_size",
@@ -111,6 +110,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg, model, optimizer, dist, *, batch_size: int = 1, grad_accum: int = 1,
                  clip_grad: float = 0.0, channels_last: bool = False,
                  compile: bool = False) -> None:
+        """``deepspeed.initialize`` with the config :func:`deepspeed_config` derives."""
         # Checked before deepspeed starts: a config conflict costs nothing.
         self.ds_config = deepspeed_config(cfg.deepspeed, batch_size=batch_size,
                                           grad_accum=grad_accum, clip_grad=clip_grad,
@@ -119,7 +119,8 @@ class DeepSpeedEngine(Engine):
             raise ConfigError("engine.name: deepspeed needs a launcher, even for one process "
                               "(torchrun, deepspeed or accelerate launch)")
         self._client_optimizer = optimizer
-        super().__init__(cfg, model, optimizer, dist, grad_accum=grad_accum, clip_grad=clip_grad,
+        super().__init__(cfg, model, optimizer, dist, batch_size=batch_size,
+                         grad_accum=grad_accum, clip_grad=clip_grad,
                          channels_last=channels_last, compile=compile)
         # DeepSpeed scales fp16 losses itself; ddp-train's GradScaler stays disabled.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
@@ -131,6 +132,11 @@ class DeepSpeedEngine(Engine):
     def collective_forward(self) -> bool:
         """ZeRO-3 partitions the weights: each forward all-gathers them layer by layer."""
         return self._ds.zero_optimization_stage() == 3
+
+    @property
+    def replicated_weights(self) -> bool:
+        """False under ZeRO-3: each rank holds only a slice of every parameter."""
+        return self._ds.zero_optimization_stage() < 3
 
     def _wrap(self, model: nn.Module, dist: DistInfo) -> nn.Module:
         import deepspeed  # lazy: DDP users need not install deepspeed
@@ -189,30 +195,18 @@ class DeepSpeedEngine(Engine):
         barrier(self.dist)  # nobody loads or prunes before the sidecar exists
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """All ranks: load folder ``path`` (weights, optimizer, scaler); returns the client state."""
+        """All ranks: load folder ``path`` (weights, optimizer, scaler); returns the client state.
+
+        DeepSpeed hands back its own bookkeeping (ds_config, param_shapes, ...) mixed into the
+        client state; the sidecar lists the keys ddp-train saved, and only those are returned.
+        """
         parent, tag = os.path.split(os.path.abspath(path))
+        keys = (ckpt.read_meta(path) or {}).get("keys")
+        if keys is None:
+            raise ckpt.CheckpointError(f"DeepSpeed checkpoint {path} has no sidecar listing its "
+                                       f"entries ({path}.json)")
         loaded, client_state = self._ds.load_checkpoint(parent, tag=tag,
                                                         load_lr_scheduler_states=False)
         if loaded is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-        return client_state
-
-
-def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The whole model in fp32 from DeepSpeed checkpoint folder ``path`` (no process group).
-
-    ZeRO 1-3 keep the fp32 master weights partitioned in the per-rank optimizer files, so
-    DeepSpeed's zero_to_fp32 stitches them together. ZeRO-0 has no partitions: its model file
-    holds the whole module (bf16/fp16 weights when mixed precision was on, so cast up).
-    """
-    parent, tag = os.path.split(os.path.abspath(path))
-    if glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-    else:
-        # DeepSpeed's own files pickle its config objects: not weights_only-loadable.
-        state = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)["module"]
-    # Floating tensors (weights and BatchNorm stats cast to bf16 for training) back to fp32.
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        return {k: client_state[k] for k in keys if k in client_state}
