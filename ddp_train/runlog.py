@@ -62,6 +62,8 @@ def _choose_run_dir(cfg: RunConfig) -> str:
                              "continue it, or choose another run.path")
         os.makedirs(cfg.path, exist_ok=True)
         return cfg.path
+    if not cfg.name:  # Config fills it in from data.shards; a bare RunConfig must name itself
+        raise ValueError("run.name is empty: set it, or run.path")
     if cfg.resume == "auto":
         latest = latest_run_dir(cfg.dir, cfg.name)
         if latest:

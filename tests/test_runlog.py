@@ -38,6 +38,12 @@ def test_new_run_dir_name_and_no_reuse(tmp_path, monkeypatch):
     assert os.path.isdir(first) and os.path.isdir(second)
 
 
+def test_unnamed_run_without_path_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="run.name is empty"):
+        create_run_dir(RunConfig(dir=str(tmp_path)), ONE)  # Config would have named it
+    assert os.listdir(tmp_path) == []
+
+
 def test_new_run_dir_real_clock(tmp_path):
     path = create_run_dir(RunConfig(name="exp", dir=str(tmp_path)), ONE)
     assert re.fullmatch(r"exp-\d{8}-\d{6}", os.path.basename(path))
