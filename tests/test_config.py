@@ -311,8 +311,10 @@ def test_run_name_set_in_file_or_override_wins(tmp_path):
     assert load_config(path).run.name == "exp1"
     assert load_config(path, ["run.name=exp2"]).run.name == "exp2"
     assert load_config(path, ["run.name="]).run.name == "defects"  # '' = from the shards
+    # the demo file leaves it '': a copy pointed at other shards names runs after them
     assert load_config(os.path.join(ROOT, "configs", "digits.yaml"),
-                       ["data.shards=shards/defects"]).run.name == "digits"
+                       ["data.shards=shards/defects"]).run.name == "defects"
+    assert load_config(os.path.join(ROOT, "configs", "digits.yaml")).run.name == "digits"
 
 
 def test_run_name_is_resolved_in_the_printed_config():
