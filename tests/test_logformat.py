@@ -203,7 +203,7 @@ def write_restarted_run(run_dir: str) -> dict:
     """Launch 1: steps 1-25, killed; launch 2 resumes from step 20 and finishes. Returns the
     step records that must win and the warnings in order."""
     os.makedirs(run_dir)
-    final, evals = {}, []
+    final = {}
     log = new_logger(run_dir)
     log.event("start", step=0, run_dir=run_dir, **START_FIELDS, classes=["a", "b"])
     for step in range(1, KILL_AT + 1):
