@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["ddp_train", "ddp_train.*"]),
     # ddp_train/bundled/{configs,slurm} are symlinks to the top-level folders (one copy in git);
     # building a wheel copies the files they point at. slurm/cluster.sh is test infrastructure.
-    package_data={"ddp_train.bundled": ["configs/*.yaml", "slurm/train.sbatch",
+    package_data={"ddp_train.bundled": ["configs/*.yaml", "configs/sweeps/*.yaml",
+                                        "slurm/train.sbatch",
                                         "slurm/train_multinode.sbatch"]},
     install_requires=[
         # torch/torchvision are pinned by the user's platform (CUDA build); we only set a floor.
@@ -31,9 +32,16 @@ setup(
         "plot": ["matplotlib>=3.7", "pandas>=2.0"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
+        # ddp-train sweep: Optuna (journal-file storage needs nothing else)
+        "sweep": ["optuna>=4.0", "matplotlib>=3.7", "pandas>=2.0"],
+        # a PostgreSQL study for multi-node sweeps (--storage postgresql+psycopg://...)
+        "postgres": ["psycopg[binary]>=3.1"],
+        # optuna-dashboard <storage>: browse a running sweep
+        "dashboard": ["optuna-dashboard>=0.15"],
         # deepspeed: tests/test_deepspeed.py runs real DeepSpeed on CPU
         "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "wandb>=0.16",
-                 "matplotlib>=3.7", "pandas>=2.0", "deepspeed>=0.14"],
+                 "matplotlib>=3.7", "pandas>=2.0", "deepspeed>=0.14", "optuna>=4.0",
+                 "psycopg[binary]>=3.1", "optuna-dashboard>=0.15"],
     },
     entry_points={
         "console_scripts": [

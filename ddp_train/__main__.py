@@ -4,7 +4,7 @@ Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``a
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use); ``--config NAME`` loads the bundled ``configs/NAME.yaml``.
 The first argument may instead name a subcommand from :data:`SUBCOMMANDS` (``submit``, ``eval``,
-``predict``, ``export-weights``), listed by ``ddp-train --help``.
+``predict``, ``export-weights``, ``sweep``), listed by ``ddp-train --help``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
                 lambda argv: _module("infer").main("predict", argv)),
     "export-weights": ("write a timm-loadable weights file from a checkpoint",
                        lambda argv: _module("export").main(argv)),
+    "sweep": ("tune hyperparameters: an Optuna study of ddp-train runs (needs [sweep])",
+              lambda argv: _module("sweep.cli").main(argv)),
 }
 
 

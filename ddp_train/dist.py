@@ -208,3 +208,20 @@ def all_gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     tdist.all_gather_object(out, obj)
     return out
+
+
+def gpu_slices(parallel: int, per_trial: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` for each of ``parallel`` concurrent sweep trials of ``per_trial``
+    GPUs each: disjoint slices of the GPUs this process sees. All None without CUDA (CPU
+    trials share the cores). Raises ConfigError when the GPUs do not go round."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return [None] * parallel
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    # Slice what is visible (Slurm and users narrow it), by the ids the children must be given.
+    ids = [v.strip() for v in visible.split(",") if v.strip()][:count] or \
+        [str(i) for i in range(count)]
+    if parallel * per_trial > len(ids):
+        raise ConfigError(f"--parallel {parallel} x {per_trial} GPU(s) per trial needs "
+                          f"{parallel * per_trial} GPUs; {len(ids)} visible ({','.join(ids)})")
+    return [",".join(ids[i * per_trial:(i + 1) * per_trial]) for i in range(parallel)]

@@ -35,8 +35,9 @@ CALIBRATION = "calibration"
 CHECKPOINT_FAILED = "checkpoint_failed"
 WARNING = "warning"
 CONFIG_CHANGED = "config_changed"
+TRIAL_REPORT_FAILED = "trial_report_failed"  # a sweep trial could not reach its study
 EVENTS = (START, RESUME, END, PREEMPTED, NONFINITE, CALIBRATION, CHECKPOINT_FAILED, WARNING,
-          CONFIG_CHANGED)
+          CONFIG_CHANGED, TRIAL_REPORT_FAILED)
 
 # ----------------------------------------------------------------------------- the stamp
 

@@ -31,12 +31,14 @@ from .ema import build_ema
 from .engine import build_engine
 from .evaluation import Evaluator
 from .guard import NonFiniteGuard, StopSignals, Watchdog, agree
+from .logformat import TRIAL_REPORT_FAILED
 from .losses import build_criterion, build_mixup
 from .metrics import EarlyStopping
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, current_lr
 from .runlog import create_run_dir, make_logger, problems_path, write_config
 from .shards.manifest import load_manifest
+from .sweep.link import connect_trial
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Progress:
     stop_reason: str = ""  # set when early stopping, max_steps, a signal or divergence ends it
     signal: int = 0  # the stop signal that ended this launch (0 = none)
     diverged: bool = False  # stopped on non-finite steps
+    pruned: bool = False  # stopped by the sweep's pruner
 
     def state_dict(self) -> int:
         """The optimizer updates done."""
@@ -131,6 +134,7 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.signals = StopSignals()
         self.watchdog = Watchdog(cfg.watchdog.timeout, self.run_dir, dist.rank)
+        self.trial = connect_trial(cfg.sweep, dist.is_main)  # NoTrial unless a sweep started us
         self.t_start = time.time()
         self.last_save = time.monotonic()
         with warnings.catch_warnings(record=True) as skipped:  # corrupt checkpoints passed over
@@ -255,6 +259,9 @@ class Trainer:
             self.log.event("preempted", step=p.step, signal=self.signals.name or p.signal,
                            reason=p.stop_reason)
             return result
+        if p.pruned:  # a trial the sweep gave up on: no calibration or test eval
+            self.log.event("end", step=p.step, reason=p.stop_reason, pruned=True)
+            return {**result, "pruned": True}
         if cfg.calibration.enabled and not p.diverged:
             result["calibration"] = ev.calibrate(p)
             if result["calibration"]:
@@ -278,6 +285,21 @@ class Trainer:
             self.scheduler.step(self.progress.step, metrics[self.cfg.early_stop.metric])
         if self.stopper.should_stop:
             self.progress.stop_reason = f"early stop: {self.stopper.reason}"
+        self.report_to_sweep(metrics)
+
+    def report_to_sweep(self, metrics: dict) -> None:
+        """A sweep trial: report val to the study; stop all ranks together when pruned."""
+        try:
+            reason = self.trial.report(self.progress.step, metrics)
+        except Exception as e:  # noqa: BLE001 - a storage hiccup must not end a days-long run
+            self.log.warning(f"sweep: val metrics not reported to the study: {e}",
+                             event=TRIAL_REPORT_FAILED, step=self.progress.step)
+            reason = ""
+        # Rank 0 alone asks the pruner (one decision); every rank must act on it at this step.
+        if agree(self.dist, [int(bool(reason))])[0]:
+            p = self.progress
+            p.pruned = True
+            p.stop_reason = f"pruned: {reason or 'by the sweep pruner'}"
 
     def check_finite(self, out) -> None:
         """Count non-finite steps; stop the run after ``train.max_nonfinite_steps`` in a row."""

@@ -8,10 +8,12 @@ PY=${PYTHON:-python3}
 # torch/torchvision first and pinned: on this project's machines these exact builds lie on local
 # disk; letting a later requirement pick torch would download a multi-GB CUDA build instead.
 stamp=.venv/.ddp-train-installed
-want="torch==2.14.1 torchvision==0.29.1 | $(sha256sum setup.py | cut -c1-16)"
+want="torch==2.14.1 torchvision==0.29.1 | $(cat setup.py launch/venv.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # test: pytest and what the tests exercise; sweep/postgres/dashboard: ddp-train sweep with a
+  # journal or PostgreSQL study, and optuna-dashboard to browse it (docs/sweeps.md).
+  .venv/bin/python -m pip install -q -e ".[test,sweep,postgres,dashboard]"
   echo "$want" > "$stamp"
 fi

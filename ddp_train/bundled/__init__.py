@@ -59,3 +59,20 @@ def config_path(name: str) -> str | None:
         return None
     entry = _folder("configs") / f"{name}{CONFIG_SUFFIX}"
     return str(entry) if entry.is_file() else None
+
+
+def bundled_sweeps() -> list[str]:
+    """Names of the bundled sweep files (``configs/sweeps/NAME.yaml``), sorted."""
+    folder = _folder("configs") / "sweeps"
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name[:-len(CONFIG_SUFFIX)] for entry in folder.iterdir()
+                  if entry.name.endswith(CONFIG_SUFFIX) and entry.is_file())
+
+
+def sweep_path(name: str) -> str | None:
+    """File system path of bundled sweep file ``name`` (``ddp-train sweep NAME``), or None."""
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        return None
+    entry = _folder("configs") / "sweeps" / f"{name}{CONFIG_SUFFIX}"
+    return str(entry) if entry.is_file() else None

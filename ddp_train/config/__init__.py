@@ -12,11 +12,12 @@ from .recipes import AugmentConfig, CalibrationConfig, EmaConfig, LossConfig, TT
 from .root import Config
 from .sections import (CheckpointConfig, DataConfig, EarlyStopConfig, EngineConfig, EvalConfig,
                        LogConfig, ModelConfig, MultimodalConfig, OptimConfig, RunConfig,
-                       ScheduleConfig, TrainConfig, WatchdogConfig)
+                       ScheduleConfig, TrainConfig, SweepTrialConfig, WatchdogConfig)
 
 __all__ = ["AugmentConfig", "CalibrationConfig", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EarlyStopConfig", "EmaConfig", "EngineConfig", "EvalConfig",
            "LogConfig", "LossConfig", "ModelConfig", "MultimodalConfig", "OptimConfig",
-           "RunConfig", "ScheduleConfig", "TTAConfig", "TrainConfig", "WatchdogConfig",
+           "RunConfig", "ScheduleConfig", "TTAConfig", "TrainConfig", "SweepTrialConfig",
+           "WatchdogConfig",
            "annotated_yaml", "describe", "doc", "dump_yaml", "from_dict", "load_config",
            "parse_override", "to_dict"]

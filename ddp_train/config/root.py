@@ -12,7 +12,7 @@ from .recipes import (AugmentConfig, CalibrationConfig, EmaConfig, LossConfig, T
                       check_mixing_batch, check_mixing_loss)
 from .sections import (CheckpointConfig, DataConfig, EarlyStopConfig, EngineConfig, EvalConfig,
                        LogConfig, ModelConfig, MultimodalConfig, OptimConfig, RunConfig,
-                       ScheduleConfig, TrainConfig, WatchdogConfig)
+                       ScheduleConfig, TrainConfig, SweepTrialConfig, WatchdogConfig)
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Config:
     tta: TTAConfig = doc(None, "test-time augmentation")
     calibration: CalibrationConfig = doc(None, "temperature scaling")
     multimodal: MultimodalConfig = doc(None, "image + sensor + env FiLM fusion model")
+    sweep: SweepTrialConfig = doc(None, "the sweep trial this run reports to (set by ddp-train "
+                                  "sweep)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -276,3 +276,18 @@ class WatchdogConfig:
     def __post_init__(self) -> None:
         check(self.timeout == 0 or self.timeout >= 10, "watchdog.timeout",
               f"{self.timeout} s is too short (0 = off, else >= 10)")
+
+
+@dataclass
+class SweepTrialConfig:
+    """Set by ``ddp-train sweep`` on the runs it starts: the Optuna trial this run reports to."""
+
+    storage: str = doc("", "the sweep's Optuna storage: a journal file or an SQLAlchemy URL "
+                       "('' = not a sweep trial)")
+    study: str = doc("", "study name in that storage")
+    trial: int = doc(-1, "trial number in that study")
+
+    def __post_init__(self) -> None:
+        if self.storage:
+            check(bool(self.study), "sweep.study", "is empty but sweep.storage is set")
+            check(self.trial >= 0, "sweep.trial", "must be >= 0 when sweep.storage is set")
