@@ -12,6 +12,7 @@ import argparse
 import difflib
 import importlib
 import json
+import signal
 import sys
 from typing import Callable
 
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.shards == DEFAULT_ROOT:
             ensure_digits(cfg.data.shards, info)
         result = train(cfg, info)
+        if result["signal"]:
+            # Stopping already: a second TERM (Slurm signals every process of the step, and
+            # torchrun or a sweep worker passes its own on) must not kill this process during
+            # teardown and turn "checkpointed, exit 143" into a death by signal.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
     except (ConfigError, DivergedError) as e:
         if info is None or info.is_main:
             print(f"ddp-train: error: {e}", file=sys.stderr)

@@ -220,3 +220,66 @@ def test_submit_rejects_bad_config_before_submitting(tmp_path):
     assert not (tmp_path / "x.sbatch").exists()
     proc = _submit("--dry-run", "--sweep", "optim.lr=1e-3,fast")  # one bad array task
     assert proc.returncode == 2 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_array_workers_share_a_study_and_resume_a_preempted_trial(cluster, digits,
+                                                                          tmp_path):
+    """``ddp-train sweep --slurm --array 2``: two workers (array tasks) pull trials from one
+    journal study; task 0 gets USR1 mid-trial, its trial checkpoints, the task requeues, and the
+    trial resumes under its own number (by whichever worker asks first). The study ends with
+    every trial finished exactly once and none failed."""
+    optuna = pytest.importorskip("optuna")
+    import yaml
+
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "arr", "base": "digits", "ranks": 1, "trials": 4,
+        "overrides": {"data.shards": digits, "data.num_workers": 0, "eval.every_steps": 10,
+                      "eval.every_epoch": False, "eval.test_at_end": False,
+                      "checkpoint.every_steps": 5, "log.progress": "plain", "train.max_steps": 30},
+        "pruner": {"name": "none"}, "sampler": {"name": "random", "seed": 0},
+        "space": {"optim.lr": {"float": [1e-3, 1e-2], "log": True}}}))
+    out = str(tmp_path / "sweep")
+    proc = subprocess.run([sys.executable, "-m", "ddp_train", "sweep", str(sweep_file), "--slurm",
+                           "--array", "2", "--gpus", "0", "--cpus-per-task", "1", "--time",
+                           "10:00", "--out", out], env=cluster, capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    array_id = proc.stdout.strip()
+    task0 = f"{array_id}_0"
+    # Task 0's log names the trial it runs; wait until that trial is a few steps in.
+    deadline, trial = time.monotonic() + 150, None
+    while time.monotonic() < deadline and trial is None:
+        job = _job(task0, cluster)
+        found = re.findall(r"trial (\d+) starts", _read(job.get("StdOut", "")))
+        if found and any(r.get("step", 0) >= 3 and "loss" in r
+                         for r in _records(os.path.join(out, "trials", found[-1]))):
+            trial = found[-1]
+        time.sleep(0.3)
+    assert trial is not None, f"task 0 never got 3 steps into a trial: {_job(task0, cluster)}"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", task0], env=cluster, check=True)
+    _wait(task0, cluster, _job(task0, cluster).get("StdOut", ""),
+          lambda job: job.get("Restarts") == "1", "the requeue of task 0", 90)
+    # Both tasks run to the end of the study.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", array_id], env=cluster, capture_output=True,
+                               text=True).stdout.strip()
+        if not queue:
+            break
+        time.sleep(1)
+    assert not queue, f"array still queued after 300 s:\n{queue}"
+    from ddp_train.sweep.study import open_storage
+
+    study = optuna.load_study(study_name="arr",
+                              storage=open_storage(os.path.join(out, "study.journal")))
+    states = [(t.number, t.state.name) for t in study.trials]
+    assert states == [(n, "COMPLETE") for n in range(4)], states
+    resumed = study.trials[int(trial)]
+    assert resumed.user_attrs["attempts"] == 2 and sorted(resumed.intermediate_values) == \
+        [10, 20, 30]
+    kinds = [r["event"] for r in _records(os.path.join(out, "trials", trial)) if "event" in r]
+    assert kinds[:3] == ["start", "preempted", "resume"] and kinds[-1] == "end", kinds
+    workers = {t.user_attrs["worker"]["id"] for t in study.trials}
+    assert len(workers) >= 2, workers  # both array tasks ran trials
+    assert os.path.exists(os.path.join(out, "report.md"))  # the last worker wrote it

@@ -21,8 +21,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ddp-plot", description="Plot training curves (and write a report) from the logs of "
         "ddp-train runs. Docs: docs/plotting.md.")
-    parser.add_argument("--log", action="append", required=True, metavar="PATH",
-                        help="run folder, metrics.jsonl or train.log; repeat to overlay runs")
+    # extend + nargs: `--log sweeps/x/trials/*` (a shell glob) and repeated --log both overlay.
+    parser.add_argument("--log", action="extend", nargs="+", required=True, metavar="PATH",
+                        help="run folder(s), metrics.jsonl or train.log; several (or a repeated "
+                        "--log) overlay runs")
     parser.add_argument("--output", default="plots", metavar="DIR",
                         help="folder for the PNGs and report.md (default: plots)")
     parser.add_argument("--report", action="store_true", help="also write report.md")

@@ -83,6 +83,8 @@ def load_run(path: str) -> Run:
     run.source = path
     folder = os.path.dirname(os.path.abspath(path))
     run.name = os.path.basename(folder)
+    if os.path.basename(os.path.dirname(folder)) == "trials":  # <sweep>/trials/<number>
+        run.name = f"trial {run.name}"
     if len(run.steps) == 0:
         raise LogError(f"{path}: no step records (expected metrics.jsonl or train.log lines)")
     missing = [name for name in REQUIRED_FIELDS if name not in run.steps]

@@ -171,7 +171,9 @@ class Worker:
             self.study.storage.set_trial_user_attr(job.trial_id, STEPS, steps)
         if rc == 0:
             state, value, note = self.study.complete(job)
-        elif rc in STOP_EXIT:
+        elif rc in STOP_EXIT or (self.stop.is_set() and rc != 0):
+            # Stopped by a signal: checkpointed (exit 128+N), or killed while stopping; either
+            # way the next launch resumes from the newest loadable checkpoint it finds.
             self.study.preempted(job)
             self.preempted = True
             self._log(f"trial {job.number} checkpointed and stopped (exit {rc}); the next "

@@ -1,0 +1,271 @@
+"""Real sweeps: ``ddp-train sweep`` subprocesses whose trials are real ddp-train runs (torchrun,
+gloo, 2 CPU ranks where the issue asks for it; 1 rank where only the sweep's own behaviour is
+under test, to keep CI time down).
+
+* the digits demo: 5 trials of 2 ranks, TPE + median pruner; a deliberately bad region
+  (lr 1e-6) is pruned with every rank stopping at the same step; report.md, PNGs, best.yaml;
+  best.yaml retrains to the trial's metric; plot_training_curve.py overlays the trials;
+  optuna-dashboard opens the journal;
+* a sweep stopped by SIGTERM resumes its trial (same number, values kept) when run again; one
+  killed by SIGKILL has its trial failed and retried, no trial number run twice;
+* PostgreSQL storage (a real server from launch/postgres.sh) with --parallel 2;
+* the document-classifier and conveyor sweep files at tiny scale.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import ROOT, torchrun_env
+from ddp_train.demo import ensure_digits
+from ddp_train.dist import DistInfo
+from pgserver import postgres  # noqa: F401  (fixture)
+
+optuna = pytest.importorskip("optuna")
+TrialState = optuna.trial.TrialState
+
+QUICK = {"eval.every_steps": 10, "eval.every_epoch": False, "eval.test_at_end": False,
+         "data.num_workers": 0, "log.progress": "plain", "train.max_steps": 30}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("shards") / "digits")
+    ensure_digits(root, DistInfo())
+    return root
+
+
+def sweep_file(tmp_path, shards: str, name: str = "s", **fields) -> str:
+    data = {"name": name, "base": "digits", "metric": "acc", "ranks": 1, "trials": 2,
+            "overrides": {**QUICK, "data.shards": shards},
+            "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
+            "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 20},
+            "space": {"optim.lr": {"float": [1e-6, 1e-2], "log": True},
+                      "optim.weight_decay": {"float": [0.0, 0.1]}}}
+    data.update(fields)
+    path = str(tmp_path / f"{name}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f)
+    return path
+
+
+def sweep(*args: str, cwd, timeout: float = 400, check: bool = True):
+    proc = subprocess.run([sys.executable, "-m", "ddp_train", "sweep", *args], cwd=cwd,
+                          env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"ddp-train sweep exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def trials_of(out: str) -> list:
+    with open(os.path.join(out, "sweep.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    from ddp_train.sweep.study import open_storage
+
+    return optuna.load_study(study_name=info["name"],
+                             storage=open_storage(info["storage"])).get_trials()
+
+
+def events(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "event" in r]
+
+
+def evals(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "eval.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["split"] == "val"]
+
+
+def test_digits_sweep_prunes_the_bad_region_and_best_yaml_retrains(tmp_path, digits):
+    path = sweep_file(tmp_path, digits, ranks=2, trials=5,
+                      enqueue=[{"optim.lr": 3e-3}, {"optim.lr": 2e-3}, {"optim.lr": 1e-6}])
+    out = str(tmp_path / "out")
+    proc = sweep(path, "--out", out, cwd=tmp_path)
+    trials = trials_of(out)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    states = [t.state for t in trials]
+    assert states[:3] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED], proc.stdout
+    assert all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    # The pruned trial: both ranks stopped at step 20, its end record says why.
+    bad = os.path.join(out, "trials", "2")
+    end = events(bad)[-1]
+    assert end["event"] == "end" and end["pruned"] is True and end["step"] == 20
+    assert "is below the median" in end["reason"] and "of 2 complete trials" in end["reason"]
+    assert "stopped: pruned: best val acc" in open(os.path.join(bad, "train.log")).read()
+    assert trials[2].user_attrs["steps"] == 20
+    # Complete trials: the value is their best val acc; the trial's own config is in its folder.
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    run = os.path.join(out, "trials", str(best.number))
+    assert best.value == max(e["acc"] for e in evals(run))
+    with open(os.path.join(run, "config.yaml"), encoding="utf-8") as f:
+        assert yaml.safe_load(f)["optim"]["lr"] == pytest.approx(best.params["optim.lr"])
+    # Report, figures, best.yaml.
+    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert f"Trial **{best.number}**" in report and "pruned" in report
+    for png in ("history.png", "curves.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    best_yaml = os.path.join(out, "best.yaml")
+    with open(best_yaml, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["sweep"]["storage"] == "" and cfg["run"]["path"] == ""
+    assert f"best trial {best.number}: val acc {best.value:.4g}" in proc.stdout
+    # Retrained from best.yaml alone (2 ranks, as the trial ran): the same val accuracy.
+    retrain = str(tmp_path / "retrain")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "-m", "ddp_train", "--config", best_yaml,
+                    f"run.path={retrain}"], cwd=tmp_path, env=torchrun_env(), check=True,
+                   capture_output=True, timeout=300)
+    assert max(e["acc"] for e in evals(retrain)) == pytest.approx(best.value, abs=1e-9)
+    # The trials overlay like runs.
+    plot = subprocess.run([sys.executable, os.path.join(ROOT, "plot_training_curve.py"), "--log",
+                           *sorted(os.path.join(out, "trials", n) for n in "01234"),
+                           "--output", str(tmp_path / "plots")], capture_output=True, text=True,
+                          timeout=120)
+    assert plot.returncode == 0 and "(5 run(s)" in plot.stdout, plot.stderr
+    check_dashboard(os.path.join(out, "study.journal"), "s")
+
+
+def check_dashboard(storage: str, study: str) -> None:
+    """optuna-dashboard serves the sweep's storage: its API lists the study."""
+    dashboard = os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+    if not os.path.exists(dashboard):
+        pytest.skip("optuna-dashboard is not installed (the [dashboard] extra)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([dashboard, storage, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies",
+                                            timeout=10) as r:
+                    names = [s["study_name"] for s in json.load(r)["study_summaries"]]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, \
+                    proc.stderr.read() if proc.poll() is not None else "no answer in 60 s"
+                time.sleep(0.5)
+        assert study in names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _start_and_wait(path: str, out: str, cwd, step: int) -> subprocess.Popen:
+    """Start a sweep; return once trial 0 has passed ``step`` (so it has a checkpoint)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_train", "sweep", path, "--out", out],
+                            cwd=cwd, env=torchrun_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "trials", "0", "metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with open(metrics, encoding="utf-8") as f:
+                steps = [json.loads(ln).get("step", 0) for ln in f if ln.endswith("\n")]
+            if steps and max(steps) >= step:
+                return proc
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("trial 0 did not reach step {step} in 120 s")
+
+
+def test_stopped_sweep_resumes_its_trial_and_killed_sweep_retries_it(tmp_path, digits):
+    overrides = {**QUICK, "data.shards": digits, "checkpoint.every_steps": 5,
+                 "train.max_steps": 30}
+    # SIGTERM: the trial checkpoints; run again, the same trial continues from there.
+    path = sweep_file(tmp_path, digits, name="term", overrides=overrides, trials=1)
+    out = str(tmp_path / "term")
+    proc = _start_and_wait(path, out, tmp_path, step=12)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert "checkpointed and stopped" in log
+    (t0,) = trials_of(out)
+    assert t0.state == TrialState.RUNNING and t0.user_attrs["preempted"] is True
+    stopped_at = events(os.path.join(out, "trials", "0"))[-1]
+    assert stopped_at["event"] == "preempted"
+    params = t0.params
+    sweep(path, "--out", out, "--resume", cwd=tmp_path)
+    (t0,) = trials_of(out)
+    assert t0.state == TrialState.COMPLETE
+    assert t0.user_attrs["attempts"] == 2 and t0.params == params
+    assert sorted(t0.intermediate_values) == [10, 20, 30]  # the value before the stop kept
+    resumed = [e for e in events(os.path.join(out, "trials", "0")) if e["event"] == "resume"]
+    assert resumed and resumed[0]["step"] == stopped_at["step"]
+    # SIGKILL: no word from the worker; run again, the trial is failed and its parameters
+    # retried under a new number (the budget of 2 is still 2 finished trials).
+    path = sweep_file(tmp_path, digits, name="kill", overrides=overrides, trials=2)
+    out = str(tmp_path / "kill")
+    proc = _start_and_wait(path, out, tmp_path, step=6)
+    proc.kill()
+    proc.wait()
+    sweep(path, "--out", out, "--resume", cwd=tmp_path)
+    trials = trials_of(out)
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].state == TrialState.FAIL and "is gone" in trials[0].user_attrs["lost"]
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
+
+
+def test_postgresql_storage_with_parallel_workers(tmp_path, digits, postgres):
+    url = postgres("ddp_sweep_test")
+    path = sweep_file(tmp_path, digits, name="pg", trials=2)
+    out = str(tmp_path / "pg")
+    proc = sweep(path, "--out", out, "--storage", url, "--parallel", "2", cwd=tmp_path)
+    study = optuna.load_study(study_name="pg", storage=url)
+    assert [t.number for t in study.trials] == [0, 1]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    workers = {t.user_attrs["worker"]["id"] for t in study.trials}
+    assert len(workers) == 2, workers  # both workers took trials
+    assert json.load(open(os.path.join(out, "sweep.json")))["storage"] == url
+    assert not os.path.exists(os.path.join(out, "study.journal"))
+    assert "report" in proc.stdout and os.path.exists(os.path.join(out, "report.md"))
+
+
+@pytest.mark.parametrize("name", ["convnext_doc", "conveyor_film"])
+def test_report_sweeps_run_at_tiny_scale(name, tmp_path, digits):
+    """The bundled sweep files of the reports, one trial each, shrunk by command-line
+    overrides (and one rank instead of their GPUs)."""
+    from ddp_train.bundled import sweep_path
+
+    with open(sweep_path(name), encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    data["ranks"] = 1
+    path = str(tmp_path / f"{name}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f)
+    shards = digits
+    tiny = ["data.image_size=32", "data.num_workers=0", "train.batch_size=8",
+            "train.max_steps=4", "eval.every_steps=2", "eval.batch_size=64", "log.progress=none",
+            "checkpoint.every_minutes=0", "model.num_classes=0", "engine.precision=fp32"]
+    if name == "convnext_doc":
+        tiny += ["model.name=convnext_atto"]
+    else:
+        from mmgen import CLASSES, make_multimodal_csv
+        from ddp_train.shards.pack import pack
+
+        src = make_multimodal_csv(str(tmp_path / "src"), per_class=8)
+        shards = str(tmp_path / "mm")
+        pack(src, shards, extras=["sensor", "env"], classes=list(CLASSES), workers=1,
+             progress="none", val_fraction=0.25, test_fraction=0.25)
+    out = str(tmp_path / "out")
+    sweep(path, "--out", out, "--trials", "1", f"data.shards={shards}", *tiny, cwd=tmp_path)
+    (trial,) = trials_of(out)
+    assert trial.state == TrialState.COMPLETE and 0 <= trial.value <= 1
+    assert sorted(trial.intermediate_values) == [2, 4]
+    assert set(trial.params) == set(data["space"])
