@@ -1,6 +1,7 @@
 """Regenerate the generated parts of the config docs from the ``ddp_train/config/`` package.
 
 * the key tables in ``docs/config.md`` (between the BEGIN/END markers), from ``describe()``;
+* the sweep-file key tables in ``docs/sweeps.md`` (same markers), from ``SweepConfig``;
 * ``configs/digits.yaml``, the demo config (also bundled as ``--config digits``), from
   ``annotated_yaml(Config())``.
 
@@ -26,8 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ddp_train.config import Config, annotated_yaml, describe  # noqa: E402
+from ddp_train.sweep.spec import SweepConfig  # noqa: E402
 
 CONFIG_MD = os.path.join(ROOT, "docs", "config.md")
+SWEEPS_MD = os.path.join(ROOT, "docs", "sweeps.md")
 DIGITS_YAML = os.path.join(ROOT, "configs", "digits.yaml")
 BEGIN = "<!-- BEGIN GENERATED KEY TABLES: python docs/gen_config_doc.py; do not edit by hand -->"
 END = "<!-- END GENERATED KEY TABLES -->"
@@ -66,28 +69,28 @@ def _cell(text: str) -> str:
                   text)
 
 
-def sections() -> list[tuple[str, str, type | None]]:
+def sections(root: type = Config) -> list[tuple[str, str, type | None]]:
     """(section name, one-line description, dataclass or None for top-level keys)."""
-    hints = typing.get_type_hints(Config)
+    hints = typing.get_type_hints(root)
     out: list[tuple[str, str, type | None]] = [("", "Top-level keys.", None)]
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(root):
         if dataclasses.is_dataclass(hints[f.name]):
             cls = hints[f.name]
             out.append((f.name, (cls.__doc__ or f.metadata.get("doc", "")).strip(), cls))
     return out
 
 
-def render_tables() -> str:
+def render_tables(root: type = Config) -> str:
     """Markdown: one table per section, every key of describe() exactly once."""
-    rows = describe(Config)
+    rows = describe(root)
     types_by_key = {}
-    for section, _, cls in sections():
-        owner = cls or Config
+    for section, _, cls in sections(root):
+        owner = cls or root
         for name, hint in typing.get_type_hints(owner).items():
             if not dataclasses.is_dataclass(hint):
                 types_by_key[f"{section}.{name}" if section else name] = type_name(hint)
     parts = []
-    for section, text, _ in sections():
+    for section, text, _ in sections(root):
         mine = [r for r in rows if (r[0].split(".")[0] == section if section else "." not in r[0])]
         if not mine:
             continue
@@ -102,13 +105,13 @@ def render_tables() -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def render_config_md(current: str) -> str:
-    """``current`` with the text between the markers replaced by fresh tables."""
+def render_config_md(current: str, root: type = Config, path: str = CONFIG_MD) -> str:
+    """``current`` with the text between the markers replaced by fresh tables of ``root``."""
     if BEGIN not in current or END not in current:
-        raise SystemExit(f"{CONFIG_MD}: markers not found ({BEGIN!r} ... {END!r})")
+        raise SystemExit(f"{path}: markers not found ({BEGIN!r} ... {END!r})")
     head, rest = current.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n\n{render_tables()}\n{END}{tail}"
+    return f"{head}{BEGIN}\n\n{render_tables(root)}\n{END}{tail}"
 
 
 def render_digits_yaml() -> str:
@@ -123,14 +126,18 @@ def render_digits_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write (or with --check, compare) docs/config.md's tables and configs/digits.yaml."""
+    """Write (or with --check, compare) the key tables of docs/config.md and docs/sweeps.md,
+    and configs/digits.yaml."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only report files that are out of date")
     args = p.parse_args(argv)
     with open(CONFIG_MD, encoding="utf-8") as f:
         md = f.read()
     digits = open(DIGITS_YAML, encoding="utf-8").read() if os.path.exists(DIGITS_YAML) else ""
-    wanted = {CONFIG_MD: (md, render_config_md(md)), DIGITS_YAML: (digits, render_digits_yaml())}
+    with open(SWEEPS_MD, encoding="utf-8") as f:
+        sweeps = f.read()
+    wanted = {CONFIG_MD: (md, render_config_md(md)), DIGITS_YAML: (digits, render_digits_yaml()),
+              SWEEPS_MD: (sweeps, render_config_md(sweeps, SweepConfig, SWEEPS_MD))}
     stale = [path for path, (have, want) in wanted.items() if have != want]
     if args.check:
         for path in stale:

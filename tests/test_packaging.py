@@ -83,6 +83,9 @@ def test_wheel_holds_the_bundled_files_as_files(installed):
     configs = {f"ddp_train/bundled/configs/{os.path.basename(p)}"
                for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
     assert configs and configs <= names, configs - names
+    sweeps = {f"ddp_train/bundled/configs/sweeps/{os.path.basename(p)}"
+              for p in glob.glob(os.path.join(ROOT, "configs", "sweeps", "*.yaml"))}
+    assert len(sweeps) == 3 and sweeps <= names, sweeps - names
     assert {"ddp_train/bundled/slurm/train.sbatch",
             "ddp_train/bundled/slurm/train_multinode.sbatch"} <= names
     assert "ddp_train/bundled/slurm/cluster.sh" not in names  # test infrastructure, not shipped
@@ -128,8 +131,22 @@ def test_submit_dry_run_renders_the_bundled_templates(installed):
     assert os.listdir(work) == []  # --dry-run writes nothing
 
 
+def test_sweep_slurm_dry_run_of_a_bundled_sweep(installed):
+    """``ddp-train sweep digits`` finds the installed sweep file; --dry-run renders the workers'
+    script from the installed template and writes nothing (no Optuna needed for that)."""
+    venv, bin_dir, work, _ = installed
+    script = run([os.path.join(bin_dir, "ddp-train"), "sweep", "digits", "--slurm", "--array",
+                  "3", "--gpus", "0", "--dry-run"], cwd=work).stdout
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --job-name=sweep-digits" in script
+    sweep_file = next(line.split("=", 1)[1] for line in script.splitlines()
+                      if line.startswith("export SWEEP_FILE="))
+    assert os.path.realpath(sweep_file).startswith(os.path.realpath(venv) + os.sep)
+    assert sweep_file.endswith(os.path.join("bundled", "configs", "sweeps", "digits.yaml"))
+    assert os.listdir(work) == []
+
+
 def test_help_lists_the_subcommands(installed):
     _, bin_dir, work, _ = installed
     out = run([os.path.join(bin_dir, "ddp-train"), "--help"], cwd=work).stdout
-    for name in ("submit", "eval", "predict", "export-weights"):
+    for name in ("submit", "eval", "predict", "export-weights", "sweep"):
         assert f"\n  {name} " in out, out

@@ -209,3 +209,42 @@ def test_study_reopens_with_its_settings(tmp_path):
     assert isinstance(again, SweepStudy)
     assert again.study.user_attrs["sweep"]["metric"] == "acc"
     assert again.sweep.budget == 9
+
+
+def test_every_sampler_and_pruner_builds_and_the_time_budget_stops_new_trials(tmp_path):
+    from ddp_train.sweep.spec import PrunerConfig, SamplerConfig
+    from ddp_train.sweep.study import build_pruner, build_sampler
+
+    sweep = load_sweep(write(tmp_path, with_(space={"model.name": {"choice": ["a", "b"]},
+                                                    "train.batch_size": {"int": [16, 32],
+                                                                         "step": 16}},
+                                             sampler={"name": "grid"}, trials=0)))
+    assert sweep.budget == 4  # the whole grid
+    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+             "grid": optuna.samplers.GridSampler}
+    for name, cls in kinds.items():
+        assert isinstance(build_sampler(SamplerConfig(name=name), sweep), cls)
+    pruners = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner,
+               "hyperband": optuna.pruners.HyperbandPruner}
+    for name, cls in pruners.items():
+        assert isinstance(build_pruner(PrunerConfig(name=name)), cls)
+        assert isinstance(build_pruner(vars(PrunerConfig(name=name))), cls)  # a stored copy
+    timed = load_sweep(write(tmp_path, with_(trials=0, timeout_min=1.0), "t.yaml"))
+    study = cli.open_sweep(timed, str(tmp_path / "timed"))
+    assert study.next_job(worker_identity()) is not None
+    study.study.set_user_attr("started", time.time() - 61)  # the minute is up
+    assert study.next_job(worker_identity()) is None
+
+
+def test_a_study_of_another_sweep_is_not_joined(tmp_path, capsys):
+    """Two sweep folders pointed at one storage with the same study name but different spaces
+    would mix their trials: the second is refused."""
+    storage = str(tmp_path / "shared.journal")
+    assert cli.open_sweep(load_sweep(write(tmp_path, GOOD)), str(tmp_path / "a"), storage)
+    other = write(tmp_path, with_(space={"optim.lr": {"float": [1e-3, 1e-1]}}), "s2.yaml")
+    with open(other, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    data["name"] = "s"  # the same study name
+    path = write(tmp_path, data, "s3.yaml")
+    assert cli.main([path, "--out", str(tmp_path / "b"), "--storage", storage]) == 2
+    assert "belongs to a different sweep" in capsys.readouterr().err

@@ -83,8 +83,8 @@ def write_results(study: SweepStudy) -> dict:
 
     rows = trial_rows(study)
     summary = {"name": study.sweep.name, "metric": study.sweep.metric,
-               "direction": study.sweep.direction, "storage": display_url(study.storage_url), "best": best,
-               "importances": importances(study), "best_yaml": best_yaml,
+               "direction": study.sweep.direction, "storage": display_url(study.storage_url),
+               "best": best, "importances": importances(study), "best_yaml": best_yaml,
                "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
     summary["report"] = write_sweep_report(folder, summary, rows)
     summary["trials"] = rows

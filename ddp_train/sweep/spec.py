@@ -75,7 +75,8 @@ class SweepConfig:
                           "('' = the base config's early_stop.metric)")
     direction: str = doc("", "maximize or minimize ('' = minimize for loss, else maximize)")
     ranks: int = doc(1, "processes (GPUs) per trial")
-    trials: int = doc(20, "trials to finish (0 = until timeout_min; grid: the grid's size)")
+    trials: int = doc(20, "trials to finish (0 = until timeout_min; grid: at most the grid's "
+                                "size, 0 = all of it)")
     timeout_min: float = doc(0.0, "start no new trial after this many minutes (0 = no limit)")
     sampler: SamplerConfig = doc(None, "parameter sampler")
     pruner: PrunerConfig = doc(None, "early stopping of bad trials")
@@ -100,7 +101,6 @@ class SweepConfig:
         check(self.grace_s >= 2 * self.heartbeat_s, "grace_s",
               f"must be at least twice heartbeat_s ({self.heartbeat_s:g} s): one late beat "
               "must not fail a live trial")
-        check(bool(self.space), "space", "is empty: name at least one config key to search")
         check(isinstance(self.enqueue, list) and all(isinstance(e, dict) for e in self.enqueue),
               "enqueue", "expected a list of {key: value} mappings")
 
@@ -201,8 +201,9 @@ class Sweep:
     @property
     def budget(self) -> int:
         """Trials to finish (0 = until the time budget)."""
-        if self.cfg.trials == 0 and self.cfg.sampler.name == "grid":
-            return math.prod(len(p.grid()) for p in self.space)
+        if self.cfg.sampler.name == "grid":  # a grid point twice would be a wasted trial
+            size = math.prod(len(p.grid()) for p in self.space)
+            return min(self.cfg.trials, size) if self.cfg.trials else size
         return self.cfg.trials
 
     def trial_config(self, params: dict, overrides: list[str] = ()) -> Config:
@@ -305,6 +306,7 @@ def load_sweep(path: str, trials: Optional[int] = None, overrides: list[str] = (
         for key in cfg.overrides:
             check(not str(key).startswith(MANAGED), f"overrides.{key}",
                   "is set by the sweep for each trial")
+        check(bool(cfg.space), "space", "is empty: name at least one config key to search")
         space = [parse_param(str(k), v) for k, v in cfg.space.items()]
         sweep = Sweep(cfg, path, _base_path(cfg.base, path), as_overrides(cfg.overrides), space,
                       metric="", direction="")

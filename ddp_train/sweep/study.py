@@ -22,6 +22,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
+from ..config import ConfigError
 from .spec import PrunerConfig, SamplerConfig, Sweep
 
 JOURNAL = "study.journal"  # the default storage, in the sweep folder
@@ -136,7 +137,13 @@ class SweepStudy:
     def initialise(self) -> None:
         """Store the sweep's settings in the study (once) and queue its ``enqueue`` trials."""
         with self.locked():
-            if "sweep" in self.study.user_attrs:
+            known = self.study.user_attrs.get("sweep")
+            if known:
+                if known["identity"] != self.sweep.identity():
+                    raise ConfigError(f"study {self.sweep.name!r} in "
+                                      f"{display_url(self.storage_url)} belongs to a different "
+                                      "sweep (space, sampler, pruner or base differ): name this "
+                                      "sweep differently")
                 return
             for params in self.sweep.cfg.enqueue:
                 self.study.enqueue_trial(params)

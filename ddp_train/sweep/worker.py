@@ -202,8 +202,9 @@ def install_stop(stop: threading.Event) -> dict:
         stop.set()
 
     handle.received = 0
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handle)
+    if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handle)
     previous["handler"] = handle
     return previous
 
