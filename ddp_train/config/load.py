@@ -125,7 +125,7 @@ def resolve_config_path(path: str) -> str:
     so ``--config digits`` works from any directory and after a non-editable install; an
     existing file always wins, so a local ``digits`` file is never shadowed.
     """
-    if os.path.exists(path) or os.sep in path or "/" in path or path.endswith((".yaml", ".yml")):
+    if os.path.isfile(path) or os.sep in path or "/" in path or path.endswith((".yaml", ".yml")):
         return path
     found = config_path(path)
     if found is None:

@@ -240,7 +240,7 @@ def _base_path(base: str, sweep_path: str) -> str:
     if not base:
         return ""
     beside = os.path.join(os.path.dirname(os.path.abspath(sweep_path)), base)
-    return beside if os.path.exists(beside) else base  # else: working folder or a bundled name
+    return beside if os.path.isfile(beside) else base  # else: working folder or a bundled name
 
 
 def check_space(sweep: Sweep) -> None:
@@ -274,7 +274,7 @@ def check_space(sweep: Sweep) -> None:
 
 def resolve_sweep_path(path: str) -> str:
     """``path`` itself, or the bundled sweep of that name (``ddp-train sweep digits``)."""
-    if os.path.exists(path) or os.sep in path or "/" in path or path.endswith((".yaml", ".yml")):
+    if os.path.isfile(path) or os.sep in path or "/" in path or path.endswith((".yaml", ".yml")):
         return path
     found = sweep_path(path)
     if found is None:
