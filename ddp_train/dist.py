@@ -221,6 +221,11 @@ def gpu_slices(parallel: int, per_trial: int) -> list[str | None]:
     # Slice what is visible (Slurm and users narrow it), by the ids the children must be given.
     ids = [v.strip() for v in visible.split(",") if v.strip()][:count] or \
         [str(i) for i in range(count)]
+    return split_gpus(ids, parallel, per_trial)
+
+
+def split_gpus(ids: list[str], parallel: int, per_trial: int) -> list[str]:
+    """``ids`` cut into ``parallel`` disjoint comma-joined slices of ``per_trial`` ids."""
     if parallel * per_trial > len(ids):
         raise ConfigError(f"--parallel {parallel} x {per_trial} GPU(s) per trial needs "
                           f"{parallel * per_trial} GPUs; {len(ids)} visible ({','.join(ids)})")

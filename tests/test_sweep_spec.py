@@ -248,3 +248,18 @@ def test_a_study_of_another_sweep_is_not_joined(tmp_path, capsys):
     path = write(tmp_path, data, "s3.yaml")
     assert cli.main([path, "--out", str(tmp_path / "b"), "--storage", storage]) == 2
     assert "belongs to a different sweep" in capsys.readouterr().err
+
+
+def test_parallel_trials_get_disjoint_gpu_slices():
+    from ddp_train.dist import gpu_slices, split_gpus
+
+    assert split_gpus(["0", "1", "2", "3"], 4, 1) == ["0", "1", "2", "3"]
+    assert split_gpus(["0", "1", "2", "3"], 1, 4) == ["0,1,2,3"]
+    assert split_gpus(["4", "5", "6", "7"], 2, 2) == ["4,5", "6,7"]  # what Slurm gave us
+    with pytest.raises(ConfigError, match=r"--parallel 3 x 2 GPU\(s\) per trial needs 6 GPUs; "
+                                          r"4 visible \(0,1,2,3\)"):
+        split_gpus(["0", "1", "2", "3"], 3, 2)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu_slices(3, 2) == [None, None, None]  # CPU trials share the cores

@@ -166,6 +166,11 @@ class Worker:
     def _conclude(self, job: Job, rc: int, log: str, seconds: float) -> str:
         """Tell the study how the trial ended; returns its state."""
         self.preempted = False
+        frozen = self.study.storage.get_trial(job.trial_id)
+        if frozen.state.is_finished():  # declared lost while it ran (no heartbeat got through)
+            self._log(f"trial {job.number} ended (exit {rc}) after it was declared lost "
+                      f"({frozen.user_attrs.get('lost', '?')}); its retry stands instead")
+            return frozen.state.name
         steps = trained_steps(trial_dir(self.study.folder, job.number))
         if steps is not None:
             self.study.storage.set_trial_user_attr(job.trial_id, STEPS, steps)
