@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import matplotlib
 import numpy as np
 from matplotlib import cbook
 from matplotlib.patches import Patch
@@ -19,12 +18,9 @@ from matplotlib.ticker import MaxNLocator
 
 from . import stats
 from .logs import Run
+from .style import COLORS, STEP_LABEL
 
-COLORS = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 SPLIT_STYLES = {"val": "--o", "test": ":s"}  # other splits: "-.^"
-STYLE = {"axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": "small",
-         "axes.titlesize": "medium", "figure.titlesize": "medium"}
-STEP_LABEL = "step (optimizer updates)"
 
 
 @dataclass

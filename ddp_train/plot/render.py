@@ -11,10 +11,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from . import classes
-from .figures import (STYLE, Options, draw_epoch_loss, draw_eval_acc, draw_eval_f1,
+from .figures import (Options, draw_epoch_loss, draw_eval_acc, draw_eval_f1,
                       draw_eval_loss, draw_loss_boxplot, draw_loss_raw, draw_loss_reduction,
                       draw_loss_smoothed, draw_lr, draw_step_time, draw_throughput)
 from .logs import Run
+from .style import STYLE
 
 
 def _always(runs: list[Run]) -> bool:

@@ -19,12 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-COLORS = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-# figures.STYLE and figures.STEP_LABEL, repeated: importing .figures would pull in pandas (through
-# .logs and .stats), which nothing here needs.
-STYLE = {"axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": "small",
-         "axes.titlesize": "medium", "figure.titlesize": "medium"}
-STEP_LABEL = "step (optimizer updates)"
+from .style import COLORS, STEP_LABEL, STYLE
+
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
           "WAITING": "waiting"}  # Optuna's trial states, in the order the counts are written
 LEGEND_TRIALS = 10  # curves.png names at most this many trials: more would hide the curves

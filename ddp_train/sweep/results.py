@@ -5,7 +5,6 @@ without Optuna or torch.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -45,12 +44,10 @@ def trial_rows(study: SweepStudy) -> list[dict]:
 
 def best_number(study: SweepStudy) -> Optional[int]:
     """The best complete trial's number (None before one completes)."""
-    complete = [t for t in study.trials(TrialState.COMPLETE)
-                if t.value is not None and not math.isnan(t.value)]
-    if not complete:
+    try:
+        return study.study.best_trial.number
+    except ValueError:  # Optuna: no complete trial yet
         return None
-    pick = max if study.sweep.direction == "maximize" else min
-    return pick(complete, key=lambda t: t.value).number
 
 
 def importances(study: SweepStudy) -> dict:
