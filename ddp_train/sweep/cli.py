@@ -31,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ddp-train sweep",
                                 description="Run an Optuna sweep of ddp-train runs "
                                             "(docs/sweeps.md).")
-    p.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file")
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep file, or the name of a bundled "
+                   "one (digits, convnext_doc, conveyor_film)")
     p.add_argument("--out", default="", help="sweep folder (default sweeps/<name>)")
     p.add_argument("--trials", type=int, help="trials to finish (replaces the file's trials)")
     p.add_argument("--storage", default="", metavar="URL",
