@@ -9,7 +9,7 @@ under test, to keep CI time down).
 * a sweep killed by SIGKILL has its trial failed and retried when run again, no trial number
   run twice (a stopped worker's trial resuming: tests/test_slurm.py);
 * PostgreSQL storage (a real server from launch/postgres.sh) with --parallel 2;
-* the document-classifier and conveyor sweep files at tiny scale.
+* the document-classifier and conveyor sweep files at tiny scale (their spaces' corners).
 """
 from __future__ import annotations
 
@@ -221,22 +221,18 @@ def test_postgresql_storage_with_parallel_workers(tmp_path, digits, postgres):
 
 @pytest.mark.parametrize("name", ["convnext_doc", "conveyor_film"])
 def test_report_sweeps_run_at_tiny_scale(name, tmp_path, digits):
-    """The bundled sweep files of the reports, one trial each, shrunk by command-line
-    overrides (and one rank instead of their GPUs)."""
-    from ddp_train.bundled import sweep_path
+    """The bundled sweep files of the reports, shrunk by command-line overrides: the lowest and
+    the highest corner of each search space train (one process, in this one, CPU). The sweep
+    machinery around a trial is the digits test's part."""
+    from ddp_train.sweep.spec import load_sweep
+    from ddp_train.trainer import train
 
-    with open(sweep_path(name), encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    data["ranks"] = 1
-    path = str(tmp_path / f"{name}.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f)
     shards = digits
     tiny = ["data.image_size=32", "data.num_workers=0", "train.batch_size=8",
             "train.max_steps=4", "eval.every_steps=2", "eval.batch_size=64", "log.progress=none",
             "checkpoint.every_minutes=0", "model.num_classes=0", "engine.precision=fp32"]
     if name == "convnext_doc":
-        tiny += ["model.name=convnext_atto"]
+        tiny += ["model.name=convnext_atto"]  # ConvNeXt-Base's smallest sibling, same code
     else:
         from mmgen import CLASSES, make_multimodal_csv
         from ddp_train.shards.pack import pack
@@ -245,9 +241,12 @@ def test_report_sweeps_run_at_tiny_scale(name, tmp_path, digits):
         shards = str(tmp_path / "mm")
         pack(src, shards, extras=["sensor", "env"], classes=list(CLASSES), workers=1,
              progress="none", val_fraction=0.25, test_fraction=0.25)
-    out = str(tmp_path / "out")
-    sweep(path, "--out", out, "--trials", "1", f"data.shards={shards}", *tiny, cwd=tmp_path)
-    (trial,) = trials_of(out)
-    assert trial.state == TrialState.COMPLETE and 0 <= trial.value <= 1
-    assert sorted(trial.intermediate_values) == [2, 4]
-    assert set(trial.params) == set(data["space"])
+    sweep = load_sweep(name, overrides=[f"data.shards={shards}", *tiny])
+    assert sweep.metric == "macro_f1" and sweep.cfg.sampler.name == "tpe"
+    assert sweep.cfg.pruner.name == "median"
+    for corner in (0, -1):
+        params = {p.key: p.choices[corner] if p.kind == "choice" else (p.low, p.high)[corner]
+                  for p in sweep.space}
+        cfg = sweep.trial_config(params, [f"run.path={tmp_path / f'corner{corner}'}"])
+        result = train(cfg, DistInfo())
+        assert result["step"] == 4 and 0 <= result["val"]["macro_f1"] <= 1, (params, result)
