@@ -289,6 +289,8 @@ class Trainer:
 
     def report_to_sweep(self, metrics: dict) -> None:
         """A sweep trial: report val to the study; stop all ranks together when pruned."""
+        if not self.cfg.sweep.storage:  # every rank knows: no collective outside a sweep
+            return
         try:
             reason = self.trial.report(self.progress.step, metrics)
         except Exception as e:  # noqa: BLE001 - a storage hiccup must not end a days-long run
