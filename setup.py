@@ -38,10 +38,14 @@ setup(
         "postgres": ["psycopg[binary]>=3.1"],
         # optuna-dashboard <storage>: browse a running sweep
         "dashboard": ["optuna-dashboard>=0.15"],
+        # ddp-train export --format onnx (torch.onnx's exporter needs onnxscript; onnxruntime
+        # checks the exported file against PyTorch)
+        "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         # deepspeed: tests/test_deepspeed.py runs real DeepSpeed on CPU
         "test": ["pytest>=7", "pytest-timeout>=2", "tensorboard>=2.14", "wandb>=0.16",
                  "matplotlib>=3.7", "pandas>=2.0", "deepspeed>=0.14", "optuna>=4.0",
-                 "psycopg[binary]>=3.1", "optuna-dashboard>=0.15"],
+                 "psycopg[binary]>=3.1", "optuna-dashboard>=0.15", "onnx>=1.16",
+                 "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
     entry_points={
         "console_scripts": [

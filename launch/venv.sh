@@ -13,7 +13,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
   # test: pytest and what the tests exercise; sweep/postgres/dashboard: ddp-train sweep with a
-  # journal or PostgreSQL study, and optuna-dashboard to browse it (docs/sweeps.md).
-  .venv/bin/python -m pip install -q -e ".[test,sweep,postgres,dashboard]"
+  # journal or PostgreSQL study, and optuna-dashboard to browse it (docs/sweeps.md); onnx:
+  # ddp-train export --format onnx and its onnxruntime check.
+  .venv/bin/python -m pip install -q -e ".[test,sweep,postgres,dashboard,onnx]"
   echo "$want" > "$stamp"
 fi
