@@ -4,7 +4,7 @@ Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``a
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use); ``--config NAME`` loads the bundled ``configs/NAME.yaml``.
 The first argument may instead name a subcommand from :data:`SUBCOMMANDS` (``submit``, ``eval``,
-``predict``, ``export-weights``, ``sweep``), listed by ``ddp-train --help``.
+``predict``, ``export``, ``export-weights``, ``sweep``), listed by ``ddp-train --help``.
 """
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
              lambda argv: _module("infer").main("eval", argv)),
     "predict": ("classify images, folders or a shard split with a checkpoint",
                 lambda argv: _module("infer").main("predict", argv)),
-    "export-weights": ("write a timm-loadable weights file from a checkpoint",
-                       lambda argv: _module("export").main(argv)),
+    "export": ("write a deployable model: ONNX, TorchScript or timm weights, plus its "
+               "inference JSON",
+               lambda argv: _module("export").main(argv)),
+    "export-weights": ("the same as export --format timm (a timm-loadable weights file)",
+                       lambda argv: _module("export").main(["--format", "timm", *argv])),
     "sweep": ("tune hyperparameters: an Optuna study of ddp-train runs (needs [sweep])",
               lambda argv: _module("sweep.cli").main(argv)),
 }
