@@ -10,6 +10,9 @@ folder (consolidated on the fly), and ``ddp-train export-weights`` output.
     ddp-train eval CHECKPOINT --shards DIR [--split test] [--tta] [--out metrics.json]
     ddp-train predict CHECKPOINT IMAGE_OR_FOLDER... [--tta] [--out preds.csv]
     ddp-train predict CHECKPOINT --shards DIR [--split test] [--out preds.csv]
+
+``--ensemble A B C ...`` in place of CHECKPOINT evaluates or predicts with the weighted mean of
+several checkpoints' probabilities (:mod:`ddp_train.ensemble`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import yaml
@@ -193,9 +196,15 @@ def format_metrics(m: dict) -> str:
              f"acc {m['acc']:.4f} | macro_f1 {m['macro_f1']:.4f} | nll {m['nll']:.4f} "
              f"(T=1: {m['nll_uncalibrated']:.4f}) | ece {m['ece']:.4f} "
              f"(T=1: {m['ece_uncalibrated']:.4f})",
-             f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
+             format_class_table(m["per_class"])]
+    return "\n".join(lines)
+
+
+def format_class_table(per_class: list[dict]) -> str:
+    """The per-class precision / recall / F1 / support table of an eval result."""
+    lines = [f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
     lines += [f"{str(c['class'])[:20]:<20} {c['precision']:>9.4f} {c['recall']:>9.4f} "
-              f"{c['f1']:>9.4f} {int(c['support']):>8}" for c in m["per_class"]]
+              f"{c['f1']:>9.4f} {int(c['support']):>8}" for c in per_class]
     return "\n".join(lines)
 
 
@@ -257,16 +266,29 @@ def _shard_samples(loaded: Loaded, shards: str, split: str) -> Iterator[tuple[di
             yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
 
 
+def batch_logits(loaded: Loaded, model: nn.Module, samples: Iterable[tuple[dict, Any]],
+                 batch_size: int) -> Iterator[tuple[list[dict], torch.Tensor]]:
+    """``(ids, inputs)`` samples through ``model`` in batches of up to ``batch_size``: each
+    batch's ids and its ``(n, C)`` float32 logits on the CPU (not inference tensors)."""
+    from torch.utils.data import default_collate
+
+    from .metrics import to_device
+
+    samples = iter(samples)
+    # batches of up to batch_size samples until the iterator is exhausted (the last partial)
+    for batch in iter(lambda: list(itertools.islice(samples, batch_size)), []):
+        with torch.inference_mode():
+            inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
+            logits = model(inputs).float().cpu()
+        yield [ids for ids, _ in batch], logits.clone()
+
+
 def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str = "test",
             out: str = "-", tta: bool = False, device: str = "auto",
             batch_size: int = 64) -> int:
     """Write one CSV row per image (or shard sample): path (or key and target), predicted label,
     and one ``prob_<class>`` column per class (softmax of the temperature-scaled logits).
     Returns the number of rows."""
-    from torch.utils.data import default_collate
-
-    from .metrics import to_device
-
     loaded = load_checkpoint(checkpoint, device)
     if loaded.inputs and not shards:
         raise InferenceError(f"this model also takes {', '.join(loaded.inputs)} inputs: predict "
@@ -280,15 +302,11 @@ def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str 
     try:
         writer = csv.writer(f)
         writer.writerow(first + ["label"] + [f"prob_{c}" for c in loaded.classes])
-        # batches of up to batch_size samples until the iterator is exhausted (the last partial)
-        for batch in iter(lambda: list(itertools.islice(samples, batch_size)), []):
-            with torch.inference_mode():
-                inputs = to_device(default_collate([x for _, x in batch]), loaded.device)
-                probs = torch.softmax(model(inputs), dim=1).cpu()
-            for (ids, _), p in zip(batch, probs):
+        for batch_ids, logits in batch_logits(loaded, model, samples, batch_size):
+            for ids, p in zip(batch_ids, torch.softmax(logits, dim=1)):
                 writer.writerow([ids[k] for k in first] + [loaded.classes[int(p.argmax())]]
                                 + [f"{v:.6f}" for v in p.tolist()])
-            rows += len(batch)
+            rows += len(batch_ids)
     finally:
         if f is not sys.stdout:
             f.close()
@@ -299,8 +317,14 @@ def predict(checkpoint: str, images: list[str], *, shards: str = "", split: str 
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="run folder, .pt checkpoint, DeepSpeed checkpoint folder "
-                   "or export-weights file")
+    p.add_argument("checkpoint", nargs="?", help="run folder, .pt checkpoint, DeepSpeed "
+                   "checkpoint folder or export-weights file")
+    p.add_argument("--ensemble", nargs="+", metavar="CHECKPOINT", help="instead of CHECKPOINT: "
+                   "average these checkpoints' probabilities (see docs/inference.md)")
+    p.add_argument("--weights", default="", help="--ensemble member weights, comma-separated "
+                   "(normalised to sum 1; default equal)")
+    p.add_argument("--members", action="store_true", help="--ensemble: also show each "
+                   "member's vote (predict) or metrics (eval)")
     p.add_argument("--tta", action="store_true", help="average logits over the checkpoint "
                    "config's tta views (hflip, scales)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
@@ -325,6 +349,14 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--out", default="-", help="CSV file (default: standard output)")
     args = p.parse_args(argv)
     try:
+        if args.ensemble:
+            from .ensemble import run_command
+
+            return run_command(command, args)
+        if args.checkpoint is None:
+            raise InferenceError("give a CHECKPOINT or --ensemble CHECKPOINT...")
+        if args.weights or args.members:
+            raise InferenceError("--weights and --members go with --ensemble")
         if command == "eval":
             metrics = evaluate_checkpoint(args.checkpoint, args.shards, split=args.split,
                                           tta=args.tta, fit_split=args.fit_temperature,

@@ -25,7 +25,7 @@ from . import calibrate
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data import build_loader
-from .data.loader import extra_specs
+from .data.loader import apply_fold, extra_specs
 from .dist import DistInfo
 from .ema import build_ema
 from .engine import build_engine
@@ -87,6 +87,7 @@ class Trainer:
             self.manifest = load_manifest(cfg.data.shards)
         except (OSError, ValueError) as e:
             raise ConfigError(f"data.shards: {e}") from None
+        self.manifest = apply_fold(self.manifest, cfg.data)  # data.fold=k: one CV fold's splits
         self.classes = self.manifest.classes
         try:  # specs of the extra members (multimodal inputs) the loaders will yield
             self.inputs = extra_specs(self.manifest, cfg.data.extras)

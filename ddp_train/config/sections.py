@@ -56,6 +56,8 @@ class DataConfig:
                                "count^-x from the manifest (0 = off, 1 = balanced, 0.5 = sqrt)")
     extras: list[str] = doc([], "extra per-sample members to load with the image (packed from "
                             "CSV columns, e.g. [sensor, env]); batches become dicts")
+    fold: int = doc(-1, "cross-validation fold k (shards packed with --folds K): train on the "
+                    "other K-1 folds, validate on fold k (-1 = no folds)")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "data.shards", "must name a packed dataset folder")
@@ -75,6 +77,13 @@ class DataConfig:
         check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         check(0 <= self.class_balance <= 1, "data.class_balance", "must be in [0, 1]")
         check("image" not in self.extras, "data.extras", "'image' is always loaded")
+        check(self.fold >= -1, "data.fold", f"{self.fold} is not a fold (-1 = no folds)")
+        # The folds partition the packed train split and fold k becomes the val split: other
+        # split names would train on held-out data or validate on something else than fold k.
+        check(self.fold < 0 or (self.train_split == "train" and self.val_split in ("val", "")),
+              "data.fold", f"trains on the other folds of 'train' and validates on fold "
+              f"{self.fold} as 'val'; data.train_split/val_split are "
+              f"{self.train_split!r}/{self.val_split!r}")
 
 
 @dataclass

@@ -7,9 +7,10 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from ..config import AugmentConfig, DataConfig
+from ..config import AugmentConfig, ConfigError, DataConfig
 from ..dist import DistInfo
 from ..guard import ignore_stop_signals
+from ..shards.folds import fold_view
 from ..shards.manifest import Manifest, load_manifest
 from . import plan
 from .stream import ProblemLog, ShardStream
@@ -122,6 +123,16 @@ def extra_specs(manifest: Manifest, names: list[str]) -> dict[str, dict]:
     return {name: manifest.extras[name] for name in names}
 
 
+def apply_fold(manifest: Manifest, cfg: DataConfig) -> Manifest:
+    """The manifest as a run with ``cfg`` sees it: with ``data.fold=k``, ``train`` is the shards
+    of the other folds and ``val`` fold k's shards (``shards.folds.fold_view``); unchanged for
+    ``data.fold=-1``. A one-line ConfigError naming ``data.fold`` when that cannot be done."""
+    try:
+        return fold_view(manifest, cfg.fold)
+    except ValueError as e:
+        raise ConfigError(f"data.fold: {e}") from None
+
+
 def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, batch_size: int,
                  seed: int, problems_path: str = "", manifest: Manifest | None = None,
                  augment: Optional[AugmentConfig] = None) -> ShardLoader:
@@ -130,9 +141,10 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
     The rank's :class:`plan.RankLayout` comes from the manifest's shard lengths and ``dist``;
     each worker then runs :meth:`ShardStream.__iter__` (read its position range -> block
     shuffle -> decode + timm transform -> batch). ``problems_path`` is the run's
-    problematic-sample log.
+    problematic-sample log. A given ``manifest`` is used as is (the trainer passes one with
+    ``data.fold`` applied); one loaded here gets ``data.fold`` applied.
     """
-    manifest = manifest or load_manifest(cfg.shards)
+    manifest = manifest or apply_fold(load_manifest(cfg.shards), cfg)
     info = manifest.split(split)
     roles = max(1, cfg.num_workers)
     class_weights = None

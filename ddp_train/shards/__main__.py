@@ -11,7 +11,7 @@ import sys
 
 from rich.console import Console
 
-from .report import class_table, describe, split_table, verify
+from .report import class_table, describe, fold_table, split_table, verify
 from .manifest import load_manifest
 from .pack import PackSettings, pack, summary
 
@@ -39,7 +39,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     settings = PackSettings(val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                             seed=args.seed, shard_size=args.shard_size,
                             max_shard_bytes=args.max_shard_bytes, resize=args.resize,
-                            workers=args.workers, overwrite=args.overwrite)
+                            workers=args.workers, overwrite=args.overwrite, folds=args.folds,
+                            fold_seed=args.fold_seed)
     manifest = pack(args.src, args.out, classes=args.classes, extras=args.extras or (),
                     settings=settings)
     print(summary(manifest))
@@ -52,6 +53,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     console.print(describe(manifest))
     console.print(split_table(manifest))
     console.print(class_table(manifest))
+    if manifest.folds:
+        console.print(fold_table(manifest))
     return 0
 
 
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack an image folder or a path,label[,split] CSV")
     p.add_argument("src", help="image folder (one sub-folder per class) or CSV file")
     p.add_argument("--out", help="output folder (default: shards/<name of SRC>)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="per class (default 0.1)")
+    p.add_argument("--val-fraction", type=float,
+                   help="per class (default 0.1; 0 with --folds, where each fold is a val split)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="per class (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -86,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count(),
                    help="decoding processes (default: all CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="split train into K stratified cross-validation folds, one fold per "
+                   "shard set (train with data.fold=k); a CSV fold column wins")
+    p.add_argument("--fold-seed", type=int, metavar="S",
+                   help="seed of the fold assignment (default: --seed)")
     p.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma-separated class names in index order (default: all, sorted)")
     p.add_argument("--extras", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],

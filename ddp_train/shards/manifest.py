@@ -2,8 +2,9 @@
 
 The layout is a superset of the one timm's ``ReaderWds`` reads
 (``splits.{name}.{name,num_samples,filenames,shard_lengths}``, file names relative to the
-dataset root). ddp-train adds class names, per-class counts and sha256 per shard, and the pack
-settings. See ``shards/README.md`` for the full format.
+dataset root). ddp-train adds class names, per-class counts and sha256 per shard, the pack
+settings and, when packed with ``--folds``, the k-fold record of the train split. See
+``shards/README.md`` for the full format.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class Manifest:
     problematic: int = 0  # files skipped while packing (listed in problematic_files.jsonl)
     # extra member per CSV column: {"sensor": {"member": "sensor.npy", "shape": [3, 64]}, ...}
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # k-fold record of the train split (packed with --folds; see shards/folds.py): {} = no folds
+    folds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +80,7 @@ class Manifest:
             "pack": self.pack,
             "problematic": self.problematic,
             **({"extras": self.extras} if self.extras else {}),
+            **({"folds": self.folds} if self.folds else {}),
         }
 
 
@@ -125,7 +129,8 @@ def load_manifest(root: str) -> Manifest:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a ddp-train shard manifest (missing {e})") from None
     return Manifest(root=root, classes=classes, splits=splits, pack=doc.get("pack", {}),
-                    problematic=int(doc.get("problematic", 0)), extras=doc.get("extras", {}))
+                    problematic=int(doc.get("problematic", 0)), extras=doc.get("extras", {}),
+                    folds=doc.get("folds", {}))
 
 
 def write_manifest(manifest: Manifest, directory: str) -> str:

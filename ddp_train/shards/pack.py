@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from . import extras as extra_members
+from . import folds
 from .manifest import PROBLEMS_NAME, Manifest, SplitInfo, write_manifest
 from .progress import PROGRESS_MODES, FileProgress
 from .report import sha256_file
@@ -49,7 +50,7 @@ class PackSettings:
     """How to pack, validated when built: a bad setting raises :class:`PackError` before any
     source file is scanned or decoded."""
 
-    val_fraction: float = 0.1  # per class, of the items without an explicit split
+    val_fraction: float | None = None  # per class, of the free items; None: 0.1, 0 with folds
     test_fraction: float = 0.1
     seed: int = 0  # split draw and split shuffles
     shard_size: int = 1000  # samples per shard at most
@@ -58,20 +59,26 @@ class PackSettings:
     workers: int | None = None  # decoding processes; None or 0: every CPU
     overwrite: bool = False  # replace a non-empty output folder
     progress: str = "auto"  # auto (a bar on a terminal, lines otherwise), bar, lines or none
+    folds: int = 0  # K cross-validation folds of train (0 = none; a CSV fold column implies K)
+    fold_seed: int | None = None  # StratifiedKFold's random_state; None: seed
 
     def __post_init__(self) -> None:
         # Resolved here (frozen: via object.__setattr__) so the manifest records the count used.
         object.__setattr__(self, "workers", self.workers or os.cpu_count() or 1)
+        object.__setattr__(self, "fold_seed", self.seed if self.fold_seed is None
+                           else self.fold_seed)
         if self.progress not in PROGRESS_MODES:
             raise PackError(f"progress must be one of {', '.join(PROGRESS_MODES)}, "
                             f"not {self.progress!r}")
-        for name, value in (("val fraction", self.val_fraction),
-                            ("test fraction", self.test_fraction)):
+        folds.check_settings(self.folds, self.val_fraction)
+        # None stays None until packing: a CSV fold column may still turn folds on (folds.settle)
+        val = 0.1 if self.val_fraction is None else self.val_fraction
+        for name, value in (("val fraction", val), ("test fraction", self.test_fraction)):
             if not 0 <= value < 1:
                 raise PackError(f"{name} must be in [0, 1), got {value}")
-        if self.val_fraction + self.test_fraction >= 1:
+        if val + self.test_fraction >= 1:
             raise PackError(f"val + test fractions must sum to less than 1 (leaving a train "
-                            f"split), got {self.val_fraction} + {self.test_fraction}")
+                            f"split), got {val} + {self.test_fraction}")
         for name, value in (("shard size", self.shard_size),
                             ("max shard bytes", self.max_shard_bytes), ("workers", self.workers),
                             # None = keep sizes; 0 would shrink every image to nothing
@@ -86,7 +93,8 @@ class PackSettings:
         return dict(source=source, seed=self.seed, val_fraction=self.val_fraction,
                     test_fraction=self.test_fraction, shard_size=self.shard_size,
                     max_shard_bytes=self.max_shard_bytes, resize=self.resize,
-                    workers=self.workers, created=created, ddp_train_version=__version__)
+                    workers=self.workers, created=created, ddp_train_version=__version__,
+                    **(dict(folds=self.folds, fold_seed=self.fold_seed) if self.folds else {}))
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Item:
     label: str
     split: str | None = None  # "train"/"val"/"test" wins over the seeded split; None: assign one
     extras: tuple[tuple[str, str], ...] = ()  # (column, cell) pairs stored next to the image
+    fold: int | None = None  # CSV fold column: wins over the StratifiedKFold draw (folds.py)
 
 
 def scan_folder(src: str) -> tuple[list[Item], list[str]]:
@@ -131,7 +140,8 @@ def scan_csv(src: str, extras: Sequence[str] = ()) -> tuple[list[Item], list[str
                             f"(found {','.join(rows.fieldnames or []) or 'nothing'})")
         items = [Item(os.path.join(base, (row["path"] or "").strip()), (row["label"] or "").strip(),
                       (row.get("split") or "").strip() or None,
-                      tuple((e, extra_members.resolve(row[e], base)) for e in extras))
+                      tuple((e, extra_members.resolve(row[e], base)) for e in extras),
+                      folds.parse_cell(row.get("fold"), row["path"]))
                  for row in rows]
     return items, sorted({item.label for item in items if item.label})
 
@@ -330,8 +340,9 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str,
                settings: PackSettings | None = None, *, source: str = "") -> Manifest:
     """Pack ``items`` (class index = position in ``classes``) into shards under ``out``.
 
-    Writes ``{train,val,test}-NNNNNN.tar``, ``_info.json`` and ``problematic_files.jsonl``, as
-    ``settings`` say (default: ``PackSettings()``); ``source`` is recorded in the manifest.
+    Writes ``{train,val,test}-NNNNNN.tar`` (with folds: ``train-f{k}-NNNNNN.tar``),
+    ``_info.json`` and ``problematic_files.jsonl``, as ``settings`` say (default:
+    ``PackSettings()``); ``source`` is recorded in the manifest.
     Raises PackError for a non-empty ``out`` without ``settings.overwrite``, a class without
     files, or when no image at all could be decoded (bad settings fail in PackSettings).
     """
@@ -341,8 +352,10 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str,
     empty = sorted(set(classes) - {item.label for item in usable})
     if empty:  # a typo in --classes or an empty class folder: fail now, not at training time
         raise PackError(f"no files for class(es) {', '.join(empty)}")
+    usable, settings = folds.settle(usable, settings)  # K and the val fraction, CSV folds checked
     splits = assign_splits(usable, classes, settings.val_fraction, settings.test_fraction,
                            settings.seed)
+    splits = folds.split_train(splits, classes, settings)  # train -> one entry per fold
     record = settings.record(source)
     # Build in a hidden sibling folder: a crash leaves ".NAME.partial-PID", never a half dataset
     # at ``out``, and the rename at the end is atomic on one filesystem. (Not tempfile.mkdtemp:
@@ -354,12 +367,13 @@ def pack_items(items: Sequence[Item], classes: Sequence[str], out: str,
     try:
         specs: dict[str, dict] = {}  # extra column -> member, shape/keys (manifest "extras")
         infos = _write_splits(splits, classes, tmp, settings, problems, specs)
+        infos, fold_record = folds.join_train(infos, settings, usable)
         if not any(info.num_samples for info in infos.values()):
             raise PackError(f"none of {len(items)} files could be used, e.g. "
                             f"{problems[0]['path']}: {problems[0]['reason']}")
         _write_problems(tmp, problems)
         manifest = Manifest(root=out, classes=list(classes), splits=infos, pack=record,
-                            problematic=len(problems), extras=specs)
+                            problematic=len(problems), extras=specs, folds=fold_record)
         write_manifest(manifest, tmp)
         _move_into_place(tmp, out)
     finally:
@@ -403,6 +417,8 @@ def summary(manifest: Manifest) -> str:
     splits = " / ".join(f"{k} {v.num_samples}" for k, v in manifest.splits.items())
     shards = sum(len(v.filenames) for v in manifest.splits.values())
     line = f"packed {splits} samples into {shards} shards at {manifest.root}"
+    if manifest.folds:
+        line += f", train in {manifest.folds['num_folds']} folds"
     if manifest.problematic:
         line += (f"; skipped {manifest.problematic} problematic files, listed in "
                  f"{os.path.join(manifest.root, PROBLEMS_NAME)}")

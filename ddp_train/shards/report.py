@@ -58,6 +58,21 @@ def class_table(manifest: Manifest) -> Table:
     return table
 
 
+def fold_table(manifest: Manifest) -> Table:
+    """One row per cross-validation fold: samples, shards and per-class counts."""
+    record = manifest.folds
+    table = Table(title=f"{record.get('num_folds', '?')} folds of {record.get('split', 'train')} "
+                  f"(seed {record.get('seed', '?')})")
+    for column in ("fold", "shards", "samples", "class counts"):
+        table.add_column(column, justify="left" if column == "class counts" else "right")
+    for fold in record.get("folds", []):
+        counts = ", ".join(f"{label} {n}" for label, n in zip(manifest.classes,
+                                                               fold.get("class_counts", [])))
+        table.add_row(str(fold["fold"]), str(len(fold["filenames"])), str(fold["num_samples"]),
+                      counts)
+    return table
+
+
 def verify(manifest: Manifest) -> tuple[list[str], int]:
     """Re-hash every shard of a local dataset against the manifest.
 
