@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import __version__
 from . import extras as extra_members
 from . import folds
+from .errors import PackError  # defined apart so that folds.py raises it too; import it from here
 from .manifest import PROBLEMS_NAME, Manifest, SplitInfo, write_manifest
 from .progress import PROGRESS_MODES, FileProgress
 from .report import sha256_file
@@ -39,10 +40,6 @@ PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 # Fixed tar member mtime: TarWriter stamps time.time() by default, which would make two packs
 # with the same seed differ. With it, same source + seed -> byte-identical shards and sha256.
 SHARD_MTIME = 0
-
-
-class PackError(ValueError):
-    """A problem with the user's input or settings; the CLI prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True)
