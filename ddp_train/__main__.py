@@ -30,9 +30,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "submit": ("render an sbatch script for a config and submit it to Slurm",
                lambda argv: _module("submit").main(argv)),
     "eval": ("evaluate a checkpoint on a split of packed shards",
-             lambda argv: _module("infer").main("eval", argv)),
+             lambda argv: _module("infer_cli").main("eval", argv)),
     "predict": ("classify images, folders or a shard split with a checkpoint",
-                lambda argv: _module("infer").main("predict", argv)),
+                lambda argv: _module("infer_cli").main("predict", argv)),
     "export": ("write a deployable model: ONNX, TorchScript or timm weights, plus its "
                "inference JSON",
                lambda argv: _module("export").main(argv)),

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from ddp_train import infer
+from ddp_train import infer, infer_cli
 from ddp_train.config import load_config
 from ddp_train.dist import DistInfo
 from ddp_train.ensemble import Ensemble, evaluate_ensemble, image_source, shard_source
@@ -72,7 +72,7 @@ def test_eval_equals_the_hand_average_of_single_model_probabilities(ens, tmp_pat
     targets = {ids["key"]: CLASSES.index(ids["target"]) for ids, _ in
                source(infer.load_checkpoint(ens["runs"][0], "cpu"))}
     out = str(tmp_path / "m.json")
-    assert infer.main("eval", ["--ensemble", *ens["runs"], "--shards", ens["shards"],
+    assert infer_cli.main("eval", ["--ensemble", *ens["runs"], "--shards", ens["shards"],
                                "--weights", "5,3,2", "--members", "--out", out]) == 0
     m = json.load(open(out))
     keys = sorted(expected)
@@ -119,7 +119,7 @@ def test_weights_move_the_ensemble_as_expected(ens):
 def test_predict_on_image_files_with_members(ens, tmp_path, capsys):
     out = str(tmp_path / "p.csv")
     # the members end at the first path that is no checkpoint: here the image folder
-    assert infer.main("predict", ["--ensemble", *ens["runs"], ens["images"], "--weights",
+    assert infer_cli.main("predict", ["--ensemble", *ens["runs"], ens["images"], "--weights",
                                   "1,2,1", "--members", "--out", out]) == 0
     rows = list(csv.DictReader(open(out)))
     expected = hand_average(ens, image_source([ens["images"]]), [1, 2, 1])
@@ -138,10 +138,10 @@ def test_predict_on_image_files_with_members(ens, tmp_path, capsys):
     opts = ["--weights", "1,2,1", "--out", out]
     for argv in ([*opts, "--ensemble", *ens["runs"], "--", ens["images"]],
                  [ens["images"], *opts, "--ensemble", *ens["runs"]]):
-        assert infer.main("predict", argv) == 0
+        assert infer_cli.main("predict", argv) == 0
         again = list(csv.DictReader(open(out)))
         assert [r["label"] for r in again] == [r["label"] for r in rows]
-    assert infer.main("predict", ["--ensemble", *ens["runs"][:2], "--shards", ens["shards"],
+    assert infer_cli.main("predict", ["--ensemble", *ens["runs"][:2], "--shards", ens["shards"],
                                   "--split", "val", "--out", out]) == 0
     assert {r["target"] for r in csv.DictReader(open(out))} <= set(CLASSES)
 
@@ -155,21 +155,21 @@ def test_class_list_mismatch_and_bad_weights_are_one_line_errors(ens, tmp_path, 
     meta["classes"] = ["a", "c", "b"]
     json.dump(meta, open(swapped + ".json", "w"))
     capsys.readouterr()
-    assert infer.main("eval", ["--ensemble", ens["runs"][1], swapped, "--shards",
+    assert infer_cli.main("eval", ["--ensemble", ens["runs"][1], swapped, "--shards",
                                ens["shards"]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and ens["runs"][1] in err and swapped in err
     assert "class 1 is 'b' in the first and 'c' in the second" in err
     for weights, words in (("1,2", "2 weights for 3"), ("1,-1,1", "-1"), ("0,0,0", "all"),
                            ("1,x,1", "comma-separated")):
-        assert infer.main("eval", ["--ensemble", *ens["runs"], "--shards", ens["shards"],
+        assert infer_cli.main("eval", ["--ensemble", *ens["runs"], "--shards", ens["shards"],
                                    "--weights", weights]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and words in err, err
-    assert infer.main("predict", ["--ensemble", *ens["runs"], ens["images"], "--weights",
+    assert infer_cli.main("predict", ["--ensemble", *ens["runs"], ens["images"], "--weights",
                                   "1,1"]) == 2
     assert "2 weights for 3" in capsys.readouterr().err
-    assert infer.main("eval", [ens["runs"][0], "--shards", ens["shards"], "--members"]) == 2
+    assert infer_cli.main("eval", [ens["runs"][0], "--shards", ens["shards"], "--members"]) == 2
 
 
 def test_members_must_score_the_same_samples_once_each(ens):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT, torchrun_env
-from ddp_train import calibrate, infer
+from ddp_train import calibrate, infer, infer_cli
 from ddp_train.config import CalibrationConfig, DataConfig, TTAConfig, load_config
 from ddp_train.data import build_loader
 from ddp_train.dist import DistInfo
@@ -99,7 +99,7 @@ def run(tmp_path_factory) -> dict:
 
 def test_eval_cli_reports_metrics_with_the_stored_temperature(run, tmp_path, capsys):
     out = str(tmp_path / "m.json")
-    assert infer.main("eval", [run["dir"], "--shards", run["shards"], "--tta", "--workers", "0",
+    assert infer_cli.main("eval", [run["dir"], "--shards", run["shards"], "--tta", "--workers", "0",
                                "--out", out]) == 0
     printed = capsys.readouterr().out
     assert "macro_f1" in printed and "ece" in printed
@@ -127,14 +127,14 @@ def state_temperature(path: str) -> float:
 
 def test_predict_cli_writes_one_row_per_image_or_sample(run, tmp_path):
     out = str(tmp_path / "p.csv")
-    assert infer.main("predict", [run["dir"], run["images"], "--out", out, "--tta"]) == 0
+    assert infer_cli.main("predict", [run["dir"], run["images"], "--out", out, "--tta"]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 20 and list(rows[0])[:2] == ["path", "label"]
     for row in rows:
         probs = {c: float(row[f"prob_{c}"]) for c in ("a", "b")}
         assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
         assert row["label"] == max(probs, key=probs.get)
-    assert infer.main("predict", [run["dir"], "--shards", run["shards"], "--split", "val",
+    assert infer_cli.main("predict", [run["dir"], "--shards", run["shards"], "--split", "val",
                                   "--out", out]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == split_size(run, "val") and {r["target"] for r in rows} <= {"a", "b"}
@@ -151,4 +151,4 @@ def test_cli_bad_paths_are_one_line_errors(run, tmp_path):
     for argv in (["eval", run["dir"], "--shards", str(tmp_path / "none")],
                  ["predict", run["dir"], str(tmp_path / "missing.png")],
                  ["predict", run["dir"], "--shards", run["shards"], "--split", "nosuch"]):
-        assert infer.main(argv[0], argv[1:]) == 2
+        assert infer_cli.main(argv[0], argv[1:]) == 2
