@@ -37,7 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
                "inference JSON",
                lambda argv: _module("export").main(argv)),
     "export-weights": ("the same as export --format timm (a timm-loadable weights file)",
-                       lambda argv: _module("export").main(["--format", "timm", *argv])),
+                       lambda argv: _module("export").main(["--format", "timm", *argv],
+                                                          prog="ddp-train export-weights")),
     "sweep": ("tune hyperparameters: an Optuna study of ddp-train runs (needs [sweep])",
               lambda argv: _module("sweep.cli").main(argv)),
 }
