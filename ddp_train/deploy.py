@@ -211,8 +211,11 @@ def _batches(batch_check: int, image_size: int) -> list[torch.Tensor]:
 
 
 def _compare(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
-             batches: list[torch.Tensor], runtime: str) -> dict:
-    """max |run(x) - model(x)| over ``batches``; :class:`ExportError` (exit 1) above tolerance."""
+             batches: list[torch.Tensor], runtime: str, abs_tol: Optional[float] = None) -> dict:
+    """max |run(x) - model(x)| over ``batches``; :class:`ExportError` (exit 1) above tolerance.
+
+    The tolerance is relative to the logit scale (:data:`REL_TOL`), or ``abs_tol`` when given:
+    outputs bounded by 1 (probabilities) need no scale."""
     diff, scale = 0.0, 1.0
     for x in batches:
         with torch.no_grad():
@@ -228,12 +231,12 @@ def _compare(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor]
                               f"{len(x)}, PyTorch gives {tuple(ref.shape)}", code=1)
         diff = max(diff, float((got.float() - ref).abs().max()))  # nan propagates: fails below
         scale = max(scale, float(ref.abs().max()))
-    tolerance = REL_TOL * scale
+    tolerance = REL_TOL * scale if abs_tol is None else abs_tol
     sizes = [len(x) for x in batches]
+    rule = (f"max_abs_diff <= {REL_TOL:g} * logit_scale, logit_scale = max(1, max |PyTorch "
+            f"logit|)" if abs_tol is None else f"max_abs_diff <= {abs_tol:g} (absolute)")
     checks = {"runtime": runtime, "batches": sizes, "inputs": "torch.randn, seed 0",
-              "max_abs_diff": diff, "logit_scale": scale, "tolerance": tolerance,
-              "rule": f"max_abs_diff <= {REL_TOL:g} * logit_scale, logit_scale = max(1, "
-                      f"max |PyTorch logit|)"}
+              "max_abs_diff": diff, "logit_scale": scale, "tolerance": tolerance, "rule": rule}
     if not diff <= tolerance:  # also catches nan
         raise ExportError(f"max abs difference vs PyTorch: {diff:.3g} (batch {sizes[0]} and "
                           f"{sizes[1]}) is above the tolerance {tolerance:.3g}: the exported "
@@ -257,7 +260,7 @@ def require_onnx() -> None:
 
 
 def _onnx_export(model: torch.nn.Module, x: torch.Tensor, path: str,
-                 opset: Optional[int]) -> str:
+                 opset: Optional[int], output_name: str = OUTPUT_NAME) -> str:
     """Export with a dynamic batch axis; returns the exporter used ("dynamo" or "legacy").
 
     torch 2.14's default exporter (torch.export + onnxscript) is tried first. The legacy
@@ -267,7 +270,7 @@ def _onnx_export(model: torch.nn.Module, x: torch.Tensor, path: str,
     a reshape): it traces with the example batch and marks axis 0 dynamic, and the batch-1 check
     afterwards tells whether that was right.
     """
-    names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    names = dict(input_names=[INPUT_NAME], output_names=[output_name])
     first_error = ""
     if opset is None or opset >= MIN_DYNAMO_OPSET:
         try:
@@ -287,7 +290,7 @@ def _onnx_export(model: torch.nn.Module, x: torch.Tensor, path: str,
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                               **names)
         return "legacy"
     except Exception as e:
@@ -298,12 +301,14 @@ def _onnx_export(model: torch.nn.Module, x: torch.Tensor, path: str,
 
 
 def export_onnx(model: torch.nn.Module, out: str, *, image_size: int, opset: Optional[int] = None,
-                batch_check: int = 4) -> dict:
+                batch_check: int = 4, output_name: str = OUTPUT_NAME,
+                abs_tol: Optional[float] = None) -> dict:
     """Write ``model`` (eval mode, CPU) as a single-file ONNX graph with a dynamic batch axis.
 
     Weights are inside the file (``external_data=False``; protobuf limits that to 2 GB). The
     file is checked with onnxruntime's CPUExecutionProvider against PyTorch before it replaces
-    ``out``. Returns the JSON's ``checks`` plus ``exporter`` and ``opset``.
+    ``out`` (``abs_tol``: see :func:`_compare`). Returns the JSON's ``checks`` plus ``exporter``
+    and ``opset``.
     """
     require_onnx()
     import onnx
@@ -311,7 +316,7 @@ def export_onnx(model: torch.nn.Module, out: str, *, image_size: int, opset: Opt
 
     batches = _batches(batch_check, image_size)
     with _atomic(out) as tmp:
-        exporter = _onnx_export(model, batches[0], tmp, opset)
+        exporter = _onnx_export(model, batches[0], tmp, opset, output_name)
         got_opset = next((o.version for o in onnx.load(tmp, load_external_data=False).opset_import
                           if o.domain in ("", "ai.onnx")), None)
         if opset is not None and got_opset != opset:
@@ -325,7 +330,7 @@ def export_onnx(model: torch.nn.Module, out: str, *, image_size: int, opset: Opt
             return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
         checks = _compare(model, run, batches, f"onnxruntime {ort.__version__} "
-                                               f"CPUExecutionProvider")
+                                               f"CPUExecutionProvider", abs_tol)
         del session  # release the file before the rename (Windows keeps it open otherwise)
     return {"checks": checks, "exporter": exporter, "opset": got_opset, "dynamic_batch": True}
 
@@ -346,7 +351,7 @@ def _quiet_jit() -> Iterator[None]:
 
 
 def export_torchscript(model: torch.nn.Module, out: str, *, image_size: int,
-                       batch_check: int = 4) -> dict:
+                       batch_check: int = 4, abs_tol: Optional[float] = None) -> dict:
     """Write ``model`` traced with ``torch.jit.trace`` (eval mode, CPU) via ``torch.jit.save``.
 
     Tracing, not ``torch.jit.script``: scripting fails on many timm models (their forward uses
@@ -364,6 +369,6 @@ def export_torchscript(model: torch.nn.Module, out: str, *, image_size: int,
             with torch.no_grad():
                 return loaded(x)
 
-        checks = _compare(model, run, batches, f"torch.jit {torch.__version__}")
+        checks = _compare(model, run, batches, f"torch.jit {torch.__version__}", abs_tol)
     return {"checks": checks, "dynamic_batch": True}
 

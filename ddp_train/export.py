@@ -1,5 +1,8 @@
 """``ddp-train export RUN --format onnx|torchscript|timm``: a deployable model from a checkpoint.
 
+``ddp-train export --ensemble A B C [--weights ...] --format onnx|torchscript`` exports an
+ensemble as one file whose output is its probabilities (:mod:`ddp_train.deploy_ensemble`).
+
 RUN is a run folder (its ``checkpoints/last``) or a checkpoint: a ``.pt`` file (local/DDP) or a
 DeepSpeed checkpoint folder, whose ZeRO partitions are consolidated into fp32. Each format
 writes its file atomically plus ``<out>.json``, what inference needs (schema
@@ -137,14 +140,21 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str], prog: str = "") -> int:
-    """``export RUN --format F [--out FILE] [--opset N] [--batch-check N]``; prints the path.
+    """``export RUN|--ensemble A B.. --format F [--weights W] [--out FILE] [--opset N]
+    [--batch-check N]``; prints the path.
 
     ``ddp-train export-weights ARGS`` calls ``main(["--format", "timm", *ARGS],
     prog="ddp-train export-weights")``, so its help and errors carry its own name.
     """
     prog = prog or "ddp-train export"
     p = _OneLineParser(prog=prog, description=__doc__.split("\n")[0].replace("``", ""))
-    p.add_argument("run", help="run folder, checkpoint .pt file or DeepSpeed checkpoint folder")
+    p.add_argument("run", nargs="?", default="",
+                   help="run folder, checkpoint .pt file or DeepSpeed checkpoint folder")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="export these runs/checkpoints as one ensemble file whose output is "
+                        "their weighted mean probability (onnx or torchscript)")
+    p.add_argument("--weights", default="", metavar="W1,W2,..",
+                   help="--ensemble member weights, normalised to sum 1 (default: equal)")
     p.add_argument("--format", required=True, metavar="|".join(FORMATS), choices=FORMATS,
                    help="onnx: .onnx for onnxruntime/TensorRT; torchscript: traced .pt for "
                         "libtorch; timm: {'model': state_dict} for timm.create_model")
@@ -157,9 +167,25 @@ def main(argv: list[str], prog: str = "") -> int:
                         "(default 4)")
     try:
         args = p.parse_args(argv)
-        out = export(args.run, args.format, args.out, opset=args.opset,
-                     batch_check=args.batch_check, report=lambda line: print(line,
-                                                                               file=sys.stderr))
+        report = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        if bool(args.run) == bool(args.ensemble):
+            raise ExportError("give RUN or --ensemble A B ... (one of them)")
+        if args.ensemble:
+            from .deploy_ensemble import export_ensemble
+            from .ensemble import parse_weights
+            from .infer import InferenceError
+
+            try:
+                weights = parse_weights(args.weights, len(args.ensemble))
+            except InferenceError as e:
+                raise ExportError(str(e)) from None
+            out = export_ensemble(args.ensemble, args.format, args.out, weights=weights,
+                                  opset=args.opset, batch_check=args.batch_check, report=report)
+        elif args.weights:
+            raise ExportError("--weights applies to --ensemble only")
+        else:
+            out = export(args.run, args.format, args.out, opset=args.opset,
+                         batch_check=args.batch_check, report=report)
     except ExportError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.code

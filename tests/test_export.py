@@ -200,3 +200,100 @@ def test_multimodal_is_refused_and_a_failed_check_exits_1(run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "above the tolerance" in err
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ ensembles
+
+
+@pytest.fixture(scope="module")
+def members(run) -> dict:
+    """Two more tiny runs on ``run``'s shards: ``same`` shares its eval transform (another
+    architecture, no temperature: a 3-step fit hits a bound, T = 100 would flatten its
+    probabilities and hide it from the check), ``other`` differs in crop_pct (so resize_size)."""
+    runs = {}
+    for name, model, extra in [("same", "resnet10t", ["data.crop_pct=0.875",
+                                                      "data.interpolation=bicubic"]),
+                               ("other", "test_resnet", ["data.crop_pct=1.0"])]:
+        runs[name] = os.path.join(run["root"], name)
+        cfg = load_config(None, [f"data.shards={run['shards']}", f"run.path={runs[name]}",
+                                 f"model.name={model}", "data.image_size=32", "seed=1",
+                                 "data.num_workers=0", "train.batch_size=4", "train.max_steps=3",
+                                 "log.progress=none", "eval.test_at_end=false", *extra])
+        train(cfg, DistInfo())
+    return runs
+
+
+def ensemble_reference(run, members):
+    """Shard images and ``ddp_train.ensemble.Ensemble``'s scores of them (weights 3:1), rows
+    matched by sample key."""
+    from ddp_train.ensemble import Ensemble, shard_source
+
+    ens = Ensemble.load([run["dir"], members["same"]], [3, 1], device="cpu")
+    assert ens.temperatures[0] != 1.0 and ens.temperatures[1] == 1.0  # calibrated, not
+    scores = ens.probabilities(shard_source(run["shards"], "train"))
+    samples = {ids["key"]: x for ids, x in infer._shard_samples(run["loaded"], run["shards"],
+                                                                "train")}
+    inputs = torch.stack([samples[ids["key"]] for ids in scores.ids])
+    return inputs, scores
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
+def test_ensemble_export_equals_the_ensemble_probabilities(run, members, tmp_path, capsys):
+    from ddp_train.deploy_ensemble import PROB_ABS_TOL, export_ensemble
+
+    inputs, scores = ensemble_reference(run, members)
+    expected = scores.probs
+    out = str(tmp_path / "ens.onnx")
+    assert cli.main(["export", "--ensemble", run["dir"], members["same"], "--weights", "3,1",
+                     "--format", "onnx", "--out", out]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == out
+    assert captured.err.startswith("max abs difference vs PyTorch: ")
+    assert "tolerance 1e-05)" in captured.err
+    spec = read_json(out + ".json")
+    assert spec["schema"] == deploy.SCHEMA and spec["output"]["kind"] == "probabilities"
+    assert spec["output"]["name"] == "probabilities" and spec["classes"] == ["a", "b", "c"]
+    assert (spec["resize_size"], spec["interpolation"]) == (36, "bicubic")
+    assert [m["weight"] for m in spec["members"]] == [0.75, 0.25]
+    assert [m["model_name"] for m in spec["members"]] == ["test_resnet", "resnet10t"]
+    assert spec["members"][0]["temperature"] == run["loaded"].temperature
+    assert [m["temperature_fitted"] for m in spec["members"]] == [True, False]
+    assert spec["checks"]["tolerance"] == PROB_ABS_TOL
+    assert spec["checks"]["max_abs_diff"] <= PROB_ABS_TOL
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+    got = torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0]).double()
+    assert got.shape == expected.shape and len(got) == 12  # not the check's batch sizes
+    onnx_diff = float((got - expected).abs().max())
+    assert onnx_diff <= PROB_ABS_TOL
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    # the tolerance is far below what a lost weight or member changes: the test can fail
+    assert float((got - scores.member_probs.mean(0)).abs().max()) > 100 * PROB_ABS_TOL
+    assert float((got - scores.member_probs[0]).abs().max()) > 100 * PROB_ABS_TOL
+
+    ts = export_ensemble([run["dir"], members["same"]], "torchscript", str(tmp_path / "e.pt"),
+                         weights=[3, 1])
+    with torch.no_grad():
+        got = torch.jit.load(ts)(inputs).double()
+    ts_diff = float((got - expected).abs().max())
+    assert ts_diff <= PROB_ABS_TOL
+    print(f"ensemble vs Ensemble.probs: onnx {onnx_diff:.3g}, torchscript {ts_diff:.3g}")
+
+
+def test_ensemble_export_refusals_are_one_line_exit_2(run, members, tmp_path, capsys):
+    out = str(tmp_path / "e.onnx")
+    a, same, other = run["dir"], members["same"], members["other"]
+    cases = [(["--ensemble", a, other, "--format", "onnx"],
+              f"ensemble members {a} and {other} have different eval transforms (resize_size "
+              f"36 vs 32)"),
+             (["--ensemble", a, same, "--format", "timm"], "cannot hold an ensemble"),
+             (["--format", "onnx"], "give RUN or --ensemble"),
+             ([a, "--ensemble", same, "--format", "onnx"], "give RUN or --ensemble"),
+             (["--ensemble", a, same, "--weights", "1,2,3", "--format", "onnx"],
+              "3 weights for 2 ensemble members"),
+             ([a, "--weights", "1", "--format", "onnx"], "--weights applies to --ensemble")]
+    for argv, words in cases:
+        assert cli.main(["export", *argv, "--out", out]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
