@@ -4,7 +4,7 @@ Works the same under plain python, ``torchrun``, the ``deepspeed`` launcher, ``a
 and Slurm's ``srun``. With no ``--config`` it trains the bundled demo (scikit-learn digits, packed
 to ``shards/digits`` on first use); ``--config NAME`` loads the bundled ``configs/NAME.yaml``.
 The first argument may instead name a subcommand from :data:`SUBCOMMANDS` (``submit``, ``eval``,
-``predict``, ``export``, ``export-weights``, ``sweep``), listed by ``ddp-train --help``.
+``predict``, ``export``, ``export-weights``, ``cv``, ``sweep``), listed by ``ddp-train --help``.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "export-weights": ("the same as export --format timm (a timm-loadable weights file)",
                        lambda argv: _module("export").main(["--format", "timm", *argv],
                                                           prog="ddp-train export-weights")),
+    "cv": ("k-fold cross-validation: train every fold, write out-of-fold predictions, the "
+           "fold ensemble's test metrics and a report",
+           lambda argv: _module("cv").main(argv)),
     "sweep": ("tune hyperparameters: an Optuna study of ddp-train runs (needs [sweep])",
               lambda argv: _module("sweep.cli").main(argv)),
 }

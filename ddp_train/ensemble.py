@@ -371,7 +371,8 @@ def split_members(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
-    """``ddp-train eval|predict --ensemble ...`` with :func:`ddp_train.infer_cli.main`'s arguments."""
+    """``ddp-train eval|predict --ensemble ...`` with :func:`ddp_train.infer_cli.main`'s
+    arguments."""
     if command == "eval":
         if args.checkpoint:
             raise InferenceError(f"{args.checkpoint}: give CHECKPOINT or --ensemble, not both")

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, torchrun_env
 from ddp_train import __main__ as cli
 
-NAMES = ["submit", "eval", "predict", "export", "export-weights", "sweep"]
+NAMES = ["submit", "eval", "predict", "export", "export-weights", "cv", "sweep"]
 
 
 def help_text(capsys, argv: list[str]) -> str:

@@ -148,5 +148,6 @@ def test_sweep_slurm_dry_run_of_a_bundled_sweep(installed):
 def test_help_lists_the_subcommands(installed):
     _, bin_dir, work, _ = installed
     out = run([os.path.join(bin_dir, "ddp-train"), "--help"], cwd=work).stdout
-    for name in ("submit", "eval", "predict", "export", "export-weights", "sweep"):
+    for name in ("submit", "eval", "predict", "export", "export-weights", "cv",
+                 "sweep"):
         assert f"\n  {name} " in out, out

@@ -86,7 +86,9 @@ def evals(run_dir: str) -> list[dict]:
 
 
 def test_digits_sweep_prunes_the_bad_region_and_best_yaml_retrains(tmp_path, digits):
+    # 20 steps: the pruner's first look (n_warmup_steps 20) is the trials' last eval.
     path = sweep_file(tmp_path, digits, ranks=2, trials=5,
+                      overrides={**QUICK, "data.shards": digits, "train.max_steps": 20},
                       enqueue=[{"optim.lr": 3e-3}, {"optim.lr": 2e-3}, {"optim.lr": 1e-6}])
     out = str(tmp_path / "out")
     proc = sweep(path, "--out", out, cwd=tmp_path)
