@@ -349,11 +349,15 @@ def main(argv: Optional[list[str]] = None) -> int:
              "run ddp-train cv again to retry")
         return 1
     s = result["summary"]
+    # A fold without a val record (max_steps inside an epoch, no eval.every_steps) has no val
+    # metrics; the per-fold OOF scores always exist.
+    which = "val" if s["mean_std"]["val_last"]["acc"] else "OOF"
     spread = s["mean_std"]["val_last"]["acc"] or s["mean_std"]["oof"]["acc"]
     test = s["test"]
-    _log(f"{len(s['per_fold'])} folds: val acc {spread['mean']:.4f} ± {spread['std']:.4f}; OOF "
-         f"acc {s['oof']['acc']:.4f} macro-F1 {s['oof']['macro_f1']:.4f} on {s['oof']['count']} "
-         "samples" + (f"; test (fold ensemble) acc {test['acc']:.4f}" if test else "")
+    _log(f"{len(s['per_fold'])} folds: {which} acc {spread['mean']:.4f} ± {spread['std']:.4f}; "
+         f"OOF acc {s['oof']['acc']:.4f} macro-F1 {s['oof']['macro_f1']:.4f} on "
+         f"{s['oof']['count']} samples"
+         + (f"; test (fold ensemble) acc {test['acc']:.4f}" if test else "")
          + f"; {os.path.join(result['out'], 'oof.jsonl')}, {s['report']}")
     return 0
 

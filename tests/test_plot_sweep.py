@@ -153,7 +153,7 @@ def test_many_trials_legend_limited(tmp_path):
 
 
 def test_imports_no_torch():
-    code = ("import ddp_train.plot.sweep, sys; "
+    code = ("import ddp_train.plot.sweep, ddp_train.plot.cv, sys; "
             "assert 'torch' not in sys.modules and 'optuna' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
