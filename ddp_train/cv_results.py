@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,7 +28,6 @@ from . import logformat as fmt
 from .ensemble import Ensemble, shard_source
 from .infer import InferenceError, Loaded
 from .metrics import ConfusionMatrix
-from .shards.folds import fold_view
 from .shards.manifest import load_manifest
 
 OOF = "oof.jsonl"
@@ -44,24 +43,7 @@ def fold_dir(out: str, k: int) -> str:
 def fold_source(shards: str, fold: int):
     """Every sample of fold ``fold`` (the val split of the run ``data.fold=fold``), with its key
     and target, read like :func:`ddp_train.ensemble.shard_source` reads a packed split."""
-    from .data import build_transform
-    from .data.loader import extra_specs
-    from .data.stream import ProblemLog, decode_and_transform, read_positions
-
-    def source(loaded: Loaded) -> Iterator[tuple[dict, Any]]:
-        manifest = fold_view(load_manifest(shards), fold)
-        if manifest.classes != loaded.classes:
-            raise InferenceError(f"{shards}: classes differ from {loaded.path}'s")
-        urls, lengths = manifest.urls("val"), list(manifest.split("val").shard_lengths)
-        specs = extra_specs(manifest, list(loaded.inputs))
-        transform, problems = build_transform(loaded.cfg.data, train=False), ProblemLog()
-        for pos, raw in read_positions(urls, lengths, list(range(len(urls))), 0, sum(lengths),
-                                       problems):
-            # one sample at a time, so each output stays paired with its own key
-            for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, problems,
-                                                      train=False, extras=specs):
-                yield {"key": raw["__key__"], "target": loaded.classes[label]}, inputs
-    return source
+    return lambda loaded: infer._shard_samples(loaded, shards, "val", fold=fold)
 
 
 def fold_checkpoint(run_dir: str, which: str) -> tuple[str, str]:

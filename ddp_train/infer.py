@@ -243,15 +243,19 @@ def _image_samples(loaded: Loaded, files: list[str]) -> Iterator[tuple[dict, Any
         yield {"path": path}, tensor
 
 
-def _shard_samples(loaded: Loaded, shards: str, split: str) -> Iterator[tuple[dict, Any]]:
+def _shard_samples(loaded: Loaded, shards: str, split: str,
+                   fold: int = -1) -> Iterator[tuple[dict, Any]]:
     """Every sample of ``split`` in shard order, read and decoded by training's own stream stages
-    (unreadable samples are logged and skipped, as in eval), with its key and true label."""
+    (unreadable samples are logged and skipped, as in eval), with its key and true label.
+    ``fold`` >= 0: the splits as the run ``data.fold=fold`` sees them (its val is that fold)."""
     from .data import build_transform
     from .data.loader import extra_specs
     from .data.stream import ProblemLog, decode_and_transform, read_positions
+    from .shards.folds import fold_view
 
     manifest = _manifest(shards, loaded)
     try:
+        manifest = fold_view(manifest, fold)  # itself for fold < 0
         urls, specs = manifest.urls(split), extra_specs(manifest, list(loaded.inputs))
         lengths = list(manifest.split(split).shard_lengths)
     except ValueError as e:

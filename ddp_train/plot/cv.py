@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .style import COLORS, STYLE
+from .style import COLORS, STYLE, replace_file
 
 DPI = 120
 BAR_METRICS = ("acc", "macro_f1")
@@ -62,23 +62,12 @@ def write_cv_report(out_dir: str, summary: dict) -> str:
                          layout="constrained")
             FigureCanvasAgg(fig)
             draw(fig, summary)
-            _replace(os.path.join(out_dir, f"{name}.png"),
+            replace_file(os.path.join(out_dir, f"{name}.png"),
                      lambda f: fig.savefig(f, format="png", dpi="figure"))
             lines += [f"![{name}]({name}.png)", ""]
     path = os.path.join(out_dir, "report.md")
-    _replace(path, lambda f: f.write("\n".join(lines).encode("utf-8")))
+    replace_file(path, lambda f: f.write("\n".join(lines).encode("utf-8")))
     return path
-
-
-def _replace(path: str, write: Callable) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _num(value, digits: int = 4) -> str:

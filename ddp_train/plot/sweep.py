@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import matplotlib
 import numpy as np
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .style import COLORS, STEP_LABEL, STYLE
+from .style import COLORS, STEP_LABEL, STYLE, replace_file
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
           "WAITING": "waiting"}  # Optuna's trial states, in the order the counts are written
@@ -61,24 +61,12 @@ def write_sweep_report(out_dir: str, summary: dict, trials: list[dict]) -> str:
             FigureCanvasAgg(fig)
             fig.suptitle(f"{summary.get('name', '')}: {title.lower()}")
             draw(fig.add_subplot(), summary, trials, best)
-            _replace(path, lambda f: fig.savefig(f, format="png", dpi="figure"))
+            replace_file(path, lambda f: fig.savefig(f, format="png", dpi="figure"))
             lines += [f"![{name}]({name}.png)", ""]
     # Last, so the report only ever links figures that are complete on disk.
     path = os.path.join(out_dir, "report.md")
-    _replace(path, lambda f: f.write("\n".join(lines).encode("utf-8")))
+    replace_file(path, lambda f: f.write("\n".join(lines).encode("utf-8")))
     return path
-
-
-def _replace(path: str, write: Callable) -> None:
-    """Write ``path`` through ``write(binary file)`` into a temporary file, then move it over."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)  # atomic on POSIX: the old file or the new one, never a mix
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- numbers
