@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from . import logformat as fmt
 from .config import ConfigError, dump_yaml, load_config
+from .submit import add_array_options
 
 FOLD_CONFIG = "cv.yaml"  # a fold's resolved config, in its run folder
 FOLD_LOG = "cv.log"  # the fold processes' stdout and stderr, appended per launch
@@ -55,18 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     slurm = p.add_argument_group("Slurm (--slurm): one array task per unfinished fold")
     slurm.add_argument("--slurm", action="store_true", help="submit the folds as a job array")
-    slurm.add_argument("--gpus", type=int, default=-1, help="GPUs per fold (default --ranks)")
-    slurm.add_argument("--cpus-per-task", type=int, default=0, help="CPU cores per fold")
-    slurm.add_argument("--time", default="24:00:00", help="time limit per (re)run")
-    slurm.add_argument("--partition", default="", help="Slurm partition")
-    slurm.add_argument("--account", default="", help="Slurm account")
     slurm.add_argument("--array-parallel", type=int, default=0, metavar="N",
                        help="at most N folds at once (%%N of --array; 0 = no limit)")
-    slurm.add_argument("--signal-before", type=int, default=300, metavar="SECONDS",
-                       help="USR1 this long before the time limit (default 300)")
-    slurm.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
-                       help="extra #SBATCH option (repeatable)")
-    slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    add_array_options(slurm, "fold", "--ranks")
     return p.parse_intermixed_args(argv)
 
 

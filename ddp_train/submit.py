@@ -67,6 +67,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def add_array_options(group: argparse._ArgumentGroup, unit: str, gpus_default: str) -> None:
+    """The Slurm options of the commands that submit arrays of ddp-train jobs (``sweep --slurm``,
+    ``cv --slurm``); ``unit`` names what one array task is ("worker", "fold")."""
+    group.add_argument("--gpus", type=int, default=-1,
+                       help=f"GPUs per {unit} (default: {gpus_default}; 0 = CPU)")
+    group.add_argument("--cpus-per-task", type=int, default=0, help=f"CPU cores per {unit}")
+    group.add_argument("--time", default="24:00:00", help="time limit per (re)run")
+    group.add_argument("--partition", default="", help="Slurm partition")
+    group.add_argument("--account", default="", help="Slurm account")
+    group.add_argument("--signal-before", type=int, default=300, metavar="SECONDS",
+                       help="USR1 this long before the time limit (default 300)")
+    group.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+                       help="extra #SBATCH option (repeatable)")
+    group.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
 def split_values(text: str) -> list[str]:
     """``a,b,[1,2]`` -> ``['a', 'b', '[1,2]']``: commas inside brackets belong to a value."""
     values, depth, start = [], 0, 0

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from ..config import ConfigError
+from ..submit import add_array_options
 from .spec import Sweep, load_sweep
 
 SWEEP_JSON = "sweep.json"
@@ -51,17 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     slurm = p.add_argument_group("Slurm (--slurm)")
     slurm.add_argument("--slurm", action="store_true", help="submit workers as a Slurm array")
     slurm.add_argument("--array", type=int, default=1, metavar="K", help="Slurm workers")
-    slurm.add_argument("--gpus", type=int, default=-1,
-                       help="GPUs per worker (default: the sweep's ranks; 0 = CPU)")
-    slurm.add_argument("--cpus-per-task", type=int, default=0, help="CPU cores per worker")
-    slurm.add_argument("--time", default="24:00:00", help="time limit per (re)run")
-    slurm.add_argument("--partition", default="", help="Slurm partition")
-    slurm.add_argument("--account", default="", help="Slurm account")
-    slurm.add_argument("--signal-before", type=int, default=300, metavar="SECONDS",
-                       help="USR1 this long before the time limit (default 300)")
-    slurm.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
-                       help="extra #SBATCH option (repeatable)")
-    slurm.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    add_array_options(slurm, "worker", "the sweep's ranks")
     return p.parse_intermixed_args(argv)
 
 
