@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -52,6 +52,18 @@ class ExportError(ValueError):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+def check_options(fmt: str, opset: Optional[int], batch_check: int,
+                  formats: Sequence[str] = FORMATS) -> None:
+    """ExportError for an unknown format (of ``formats``), ``--opset`` off ONNX, or a
+    ``--batch-check`` below 1: checked before any model is loaded."""
+    if fmt not in formats:
+        raise ExportError(f"--format {fmt!r}: choose from {', '.join(formats)}")
+    if opset is not None and fmt != "onnx":
+        raise ExportError(f"--opset applies to --format onnx only (not {fmt})")
+    if batch_check < 1:
+        raise ExportError(f"--batch-check {batch_check}: must be >= 1")
 
 
 # ---------------------------------------------------------------------------- the JSON

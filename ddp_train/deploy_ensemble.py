@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import deploy
-from .deploy import FORMATS, ExportError
+from .deploy import ExportError
 
 OUTPUT_NAME = "probabilities"
 # float32 softmax + weighted sum in another runtime differ from PyTorch by ~1e-7 (rounding);
@@ -96,12 +96,7 @@ def export_ensemble(checkpoints: Sequence[str], fmt: str, out: str = "", *,
     if fmt == "timm":
         raise ExportError("--format timm cannot hold an ensemble (a state dict is one model's "
                           "weights): use --format onnx or torchscript with --ensemble")
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: choose from onnx, torchscript")
-    if opset is not None and fmt != "onnx":
-        raise ExportError(f"--opset applies to --format onnx only (not {fmt})")
-    if batch_check < 1:
-        raise ExportError(f"--batch-check {batch_check}: must be >= 1")
+    deploy.check_options(fmt, opset, batch_check, formats=("onnx", "torchscript"))
     names = list(checkpoints)
     try:
         weights = normalise_weights(weights, len(names))  # before any (slow) model load

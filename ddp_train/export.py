@@ -57,12 +57,7 @@ def export(run: str, fmt: str, out: str = "", *, opset: Optional[int] = None,
     """
     from . import deploy
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if opset is not None and fmt != "onnx":
-        raise ExportError(f"--opset applies to --format onnx only (not {fmt})")
-    if batch_check < 1:
-        raise ExportError(f"--batch-check {batch_check}: must be >= 1")
+    deploy.check_options(fmt, opset, batch_check)
     if fmt == "onnx":
         deploy.require_onnx()  # before the (slow) model load: fail fast, write nothing
     try:
