@@ -252,6 +252,7 @@ def _shard_samples(loaded: Loaded, shards: str, split: str,
     from .data.loader import extra_specs
     from .data.stream import ProblemLog, decode_and_transform, read_positions
     from .shards.folds import fold_view
+    from .shards.labels import LabelReader
 
     manifest = _manifest(shards, loaded)
     try:
@@ -261,8 +262,9 @@ def _shard_samples(loaded: Loaded, shards: str, split: str,
     except ValueError as e:
         raise InferenceError(str(e)) from None
     transform, problems = build_transform(loaded.cfg.data, train=False), ProblemLog()
+    labels = LabelReader(manifest.label, manifest.classes)
     for pos, raw in read_positions(urls, lengths, list(range(len(urls))), 0, sum(lengths),
-                                   problems):
+                                   problems, labels):
         # one sample at a time so each output stays paired with its raw sample's key
         for inputs, label in decode_and_transform(iter([(pos, raw)]), transform, problems,
                                                   train=False, extras=specs):

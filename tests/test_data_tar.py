@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from ddp_train.data.tar import CHUNK, TarFormatError, _checksum, tar_samples
+from ddp_train.shards.tar import CHUNK, TarFormatError, _checksum, tar_samples
 from shardgen import write_shards
 
 

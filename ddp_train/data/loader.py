@@ -11,6 +11,7 @@ from ..config import AugmentConfig, ConfigError, DataConfig
 from ..dist import DistInfo
 from ..guard import ignore_stop_signals
 from ..shards.folds import fold_view
+from ..shards.labels import LabelReader
 from ..shards.manifest import Manifest, load_manifest
 from . import plan
 from .stream import ProblemLog, ShardStream
@@ -160,7 +161,8 @@ def build_loader(cfg: DataConfig, dist: DistInfo, *, split: str, train: bool, ba
                          shuffle_buffer=cfg.shuffle_buffer,
                          transform=build_transform(cfg, train, augment),
                          problems=ProblemLog(problems_path, split), class_weights=class_weights,
-                         extras=extra_specs(manifest, cfg.extras))
+                         extras=extra_specs(manifest, cfg.extras),
+                         labels=LabelReader(manifest.label, manifest.classes))
     loader = ShardLoader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                          prefetch_factor=cfg.prefetch_factor, manifest=manifest, split=split)
     if train:

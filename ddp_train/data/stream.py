@@ -22,12 +22,11 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..shards import extras as extra_members
+from ..shards.labels import IMAGE_KEYS, LabelReader
 from . import plan
-from .tar import tar_samples
+from ..shards.tar import tar_samples
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "png", "webp")
 
 
 class ProblemLog:
@@ -52,8 +51,13 @@ class ProblemLog:
 
 
 def read_positions(urls: list[str], lengths: list[int], order: list[int], begin: int, end: int,
-                   problems: ProblemLog) -> Iterator[tuple[int, Optional[dict]]]:
+                   problems: ProblemLog, labels: Optional[LabelReader] = None
+                   ) -> Iterator[tuple[int, Optional[dict]]]:
     """Yield ``(position, raw sample)`` for global positions ``[begin, end)``, undecoded.
+
+    With ``labels`` (the manifest's label record) only samples holding an image and a label
+    are positions, as ``ddp-shards index`` counted them, and each gets ``__label__``; packed
+    shards hold no others.
 
     Whole shards before ``begin`` are never opened (their lengths come from the manifest); inside
     the first shard, members before the start are read as bytes and dropped, not decoded. A shard
@@ -66,7 +70,10 @@ def read_positions(urls: list[str], lengths: list[int], order: list[int], begin:
         got = 0
         try:
             with wds.gopen(url, "rb") as stream:  # local path, URL or pipe: command
-                for raw in islice(tar_samples(stream), piece.start, piece.start + piece.count):
+                samples = tar_samples(stream)
+                if labels is not None:
+                    samples = labels.usable(samples)
+                for raw in islice(samples, piece.start, piece.start + piece.count):
                     raw["__url__"] = url
                     yield pos, raw
                     pos, got = pos + 1, got + 1
@@ -85,12 +92,13 @@ def resample_block(chunk: list[tuple[int, Optional[dict]]], class_weights: list[
     The block keeps its size, so every count the plan computed (batches per rank and role, the
     resume point) stays exact; only which samples fill the slots changes. The slot position (not
     the source's) seeds augmentation, so a sample drawn twice is augmented twice differently.
-    Labels are read from the raw ``cls`` bytes: nothing is decoded.
+    Labels are the reader's ``__label__`` (or the raw ``cls`` bytes): nothing is decoded.
     """
     weights = []
     for _, raw in chunk:
         try:
-            label = int(raw["cls"]) if raw is not None else -1
+            label = -1 if raw is None else raw.get("__label__", None)
+            label = int(raw["cls"]) if label is None else label
         except (KeyError, ValueError):
             label = -1  # undecodable label: never drawn (the decode stage would log it)
         weights.append(class_weights[label] if 0 <= label < len(class_weights) else 0.0)
@@ -151,7 +159,7 @@ def decode_sample(raw: dict) -> tuple[Image.Image, int]:
     image.load()  # decode now, inside the caller's try: a truncated file fails here
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return image, int(raw["cls"])
+    return image, raw["__label__"] if "__label__" in raw else int(raw["cls"])
 
 
 def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform: Callable,
@@ -239,7 +247,7 @@ class ShardStream(IterableDataset):
     ``layout.num_samples``). ``seed`` drives the shard order, the block shuffle and the
     per-sample augmentation; ``shuffle_buffer`` is the block size. ``transform``, ``problems``
     and ``extras`` ({name: manifest spec} of extra members loaded with the image) are passed to
-    :func:`decode_and_transform`; ``class_weights`` (train) turns block shuffling into
+    :func:`decode_and_transform`; ``labels`` to :func:`read_positions`; ``class_weights`` (train) turns block shuffling into
     class-weighted resampling (:func:`resample_block`).
 
     ``epoch`` and ``start_batch`` are set by the loader before a DataLoader is built (workers are
@@ -249,7 +257,7 @@ class ShardStream(IterableDataset):
     def __init__(self, layout: plan.RankLayout, urls: list[str], lengths: list[int], *,
                  seed: int, shuffle_buffer: int, transform: Callable, problems: ProblemLog,
                  class_weights: Optional[list[float]] = None,
-                 extras: Optional[dict] = None) -> None:
+                 extras: Optional[dict] = None, labels: Optional[LabelReader] = None) -> None:
         super().__init__()
         if sum(lengths) != layout.num_samples:  # the plan's counts would not match the shards
             raise ValueError(f"layout has {layout.num_samples} samples, the shards "
@@ -259,6 +267,7 @@ class ShardStream(IterableDataset):
         self.transform, self.problems = transform, problems
         self.class_weights = class_weights  # train: per-class sampling weights (None = off)
         self.extras = extras or {}  # extra member name -> manifest spec, loaded with the image
+        self.labels = labels  # the manifest's label record: which samples count, their labels
         self.epoch = 0
         self.start_batch = 0  # rank batches already consumed this epoch (resume point)
 
@@ -274,7 +283,8 @@ class ShardStream(IterableDataset):
         block = self.shuffle_buffer
         first = r.begin + (r.skip // block) * block  # start of the block holding the resume point
         # (position, raw sample) for the role's range from the resume block on; nothing decoded
-        stream = read_positions(self.urls, self.lengths, order, first, r.end, self.problems)
+        stream = read_positions(self.urls, self.lengths, order, first, r.end, self.problems,
+                                self.labels)
         # same, shuffled within blocks; the already-consumed head is dropped
         stream = block_shuffle(stream, block, seed=self.seed, epoch=self.epoch,
                                drop=r.skip - (first - r.begin), shuffle=layout.train,

@@ -1,7 +1,8 @@
-"""``ddp-shards`` / ``python -m ddp_train.shards``: pack, info and verify WebDataset shard folders.
+"""``ddp-shards`` / ``python -m ddp_train.shards``: pack, index, info and verify WebDataset shards.
 
 Every user error (bad arguments, missing source, non-empty output, no manifest) is one line on
-stderr and exit status 2; ``verify`` exits 1 when a shard is missing or changed.
+stderr and exit status 2; ``verify`` exits 1 when a shard is missing or changed, ``index`` when
+a shard cannot be read (without ``--skip-bad``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import sys
 
 from rich.console import Console
 
+from . import index as indexer
 from .report import class_table, describe, fold_table, split_table, verify
 from .manifest import load_manifest
 from .pack import PackSettings, pack, summary
+from .sources import parse_split_args
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -44,6 +47,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
     manifest = pack(args.src, args.out, classes=args.classes, extras=args.extras or (),
                     settings=settings)
     print(summary(manifest))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    settings = indexer.IndexSettings(label_key=args.label_key, classes=tuple(args.classes or ()),
+                                     workers=args.workers, skip_bad=args.skip_bad)
+    out = args.out or args.root
+    manifest = indexer.index(args.root, out=args.out or "", patterns=parse_split_args(args.split),
+                             settings=settings)
+    print(indexer.summary(manifest, out))
     return 0
 
 
@@ -102,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.npy path -> <col>.npy; .json path or inline JSON -> <col>.json)")
     p.set_defaults(func=cmd_pack)
 
+    p = sub.add_parser("index", help="write _info.json for WebDataset shards other tools wrote, "
+                       "without rewriting them")
+    p.add_argument("root", help="folder, URL prefix or pipe: template ({} = file name) of the "
+                   "shards")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=PATTERN",
+                   help="a split's shards by glob or brace pattern relative to ROOT, e.g. "
+                   "train='train-{000000..000999}.tar' (repeatable; default: an existing "
+                   "_info.json's files, else <split>-*.tar for train, val, validation, test)")
+    p.add_argument("--label-key", default="cls", metavar="KEY",
+                   help="member holding the label: cls (numbers or names, default), txt, "
+                   "json:FIELD (dotted for nested fields)")
+    p.add_argument("--classes", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   help="comma-separated class names in index order (default: the labels "
+                   "found: numbers 0..max, or names sorted)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="shards read at once (default: all CPUs)")
+    p.add_argument("--out", help="write _info.json here instead of ROOT (needed for a remote or "
+                   "read-only ROOT; the manifest then points at ROOT)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable shards out of the manifest instead of failing")
+    p.set_defaults(func=cmd_index)
+
     p = sub.add_parser("info", help="print a packed dataset's splits and class balance")
     p.add_argument("dir", help="dataset folder holding _info.json")
     p.set_defaults(func=cmd_info)
@@ -117,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except indexer.IndexFailed as e:  # shards that cannot be read: listed, nothing written
+        print(f"ddp-shards: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:  # PackError is a ValueError; no traceback for user errors
         print(f"ddp-shards: error: {e}", file=sys.stderr)
         return 2

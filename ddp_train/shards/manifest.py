@@ -3,8 +3,10 @@
 The layout is a superset of the one timm's ``ReaderWds`` reads
 (``splits.{name}.{name,num_samples,filenames,shard_lengths}``, file names relative to the
 dataset root). ddp-train adds class names, per-class counts and sha256 per shard, the pack
-settings and, when packed with ``--folds``, the k-fold record of the train split. See
-``shards/README.md`` for the full format.
+settings and, when packed with ``--folds``, the k-fold record of the train split. A manifest
+written by ``ddp-shards index`` for shards other tools wrote also says where their labels are
+(``label``), how it was indexed (``index``) and, when it lives apart from its shards, where
+they are (``shard_root``). See ``shards/README.md`` for the full format.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class SplitInfo:
     shard_lengths: list[int]  # samples per shard, same order as filenames
     sha256: list[str] = field(default_factory=list)  # hex digest per shard
     class_counts: list[int] = field(default_factory=list)  # samples per class index
+    shard_class_counts: list[list[int]] = field(default_factory=list)  # per shard (index only)
 
     def __post_init__(self) -> None:
         if len(self.filenames) != len(self.shard_lengths):
@@ -52,6 +55,12 @@ class Manifest:
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     # k-fold record of the train split (packed with --folds; see shards/folds.py): {} = no folds
     folds: dict[str, Any] = field(default_factory=dict)
+    # where labels are ({"member", "field", "kind"}, shards/labels.py); {} = pack's cls numbers
+    label: dict[str, Any] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)  # ddp-shards index settings; {} = packed
+    # shard location as written in the file when the manifest lives apart from its shards
+    # (relative to the manifest's folder, absolute, a URL or a pipe: template); root is resolved
+    shard_root: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -81,6 +90,9 @@ class Manifest:
             "problematic": self.problematic,
             **({"extras": self.extras} if self.extras else {}),
             **({"folds": self.folds} if self.folds else {}),
+            **({"label": self.label} if self.label else {}),
+            **({"index": self.index} if self.index else {}),
+            **({"shard_root": self.shard_root} if self.shard_root else {}),
         }
 
 
@@ -105,8 +117,11 @@ def is_remote(root: str) -> bool:
     return "{}" in root or "://" in root or root.startswith("pipe:")
 
 
-def load_manifest(root: str) -> Manifest:
-    """Read ``root/_info.json`` (local or any URL webdataset can open) into a Manifest."""
+def read_doc(root: str) -> dict[str, Any]:
+    """The parsed ``root/_info.json`` (local or any URL webdataset can open).
+
+    FileNotFoundError when there is none; ValueError when it is not a JSON object.
+    """
     path = join(root, INFO_NAME)
     try:
         if is_remote(root):
@@ -117,28 +132,72 @@ def load_manifest(root: str) -> Manifest:
         else:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no shard manifest at {path}: pack a dataset first "
-                                f"(ddp-shards pack SRC --out {root})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return doc
+
+
+def resolve_shard_root(home: str, shard_root: str) -> str:
+    """Where the shards of the manifest in ``home`` are: ``home`` itself unless the manifest
+    names a ``shard_root`` (a relative one is relative to ``home``)."""
+    if not shard_root:
+        return home
+    if is_remote(shard_root) or os.path.isabs(shard_root) or is_remote(home):
+        return shard_root
+    return os.path.normpath(os.path.join(home, shard_root))
+
+
+def load_manifest(root: str) -> Manifest:
+    """Read ``root/_info.json`` (local or any URL webdataset can open) into a Manifest.
+
+    Shards with no manifest, or with timm's alone (no classes), get an error naming the
+    ``ddp-shards index`` command that writes one.
+    """
+    path = join(root, INFO_NAME)
+    try:
+        doc = read_doc(root)
+    except FileNotFoundError:
+        from .sources import index_hint  # lists the folder: only on this error path
+
+        hint = index_hint(root)
+        raise FileNotFoundError(f"no shard manifest at {path}: " + (
+            hint or f"pack a dataset first (ddp-shards pack SRC --out {root})")) from None
+    if "classes" not in doc and isinstance(doc.get("splits"), dict):
+        from .sources import index_command
+
+        raise ValueError(f"{path} is timm's shard manifest, without class names: complete it "
+                         f"with `{index_command(root)}`")
     try:
         splits = {k: SplitInfo(**{f: v[f] for f in SplitInfo.__dataclass_fields__ if f in v})
                   for k, v in doc["splits"].items()}
         classes = list(doc["classes"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a ddp-train shard manifest (missing {e})") from None
-    return Manifest(root=root, classes=classes, splits=splits, pack=doc.get("pack", {}),
-                    problematic=int(doc.get("problematic", 0)), extras=doc.get("extras", {}),
-                    folds=doc.get("folds", {}))
+    shard_root = str(doc.get("shard_root") or "")
+    return Manifest(root=resolve_shard_root(root, shard_root), classes=classes, splits=splits,
+                    pack=doc.get("pack", {}), problematic=int(doc.get("problematic", 0)),
+                    extras=doc.get("extras", {}), folds=doc.get("folds", {}),
+                    label=doc.get("label", {}), index=doc.get("index", {}),
+                    shard_root=shard_root)
 
 
-def write_manifest(manifest: Manifest, directory: str) -> str:
-    """Write ``directory/_info.json`` atomically (temp file then rename); return its path."""
+def write_manifest(manifest: Manifest, directory: str, base: dict[str, Any] | None = None) -> str:
+    """Write ``directory/_info.json`` atomically (temp file then rename); return its path.
+
+    ``base`` is a document to complete (timm's ``_info.json``): its keys that ddp-train does
+    not write are kept, at the top level and in each split.
+    """
+    doc = manifest.to_json()
+    if base:
+        splits = {name: {**(base.get("splits", {}).get(name) or {}), **split}
+                  for name, split in doc["splits"].items()}
+        doc = {**base, **doc, "splits": splits}
     path = os.path.join(directory, INFO_NAME)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_json(), f, indent=1)
+        json.dump(doc, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -72,25 +72,38 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """``(path, bytes)`` of every regular file in a tar stream, in order."""
+def tar_members(stream: BinaryIO, strict: bool = False) -> Iterator[tuple[str, bytes]]:
+    """``(path, bytes)`` of every regular file in a tar stream, in order.
+
+    ``strict`` (``ddp-shards index``) also fails a stream that ends without the end-of-archive
+    zero block: a shard cut at a member boundary. The loader is lenient there; it reads only
+    as many samples as the manifest counted.
+    """
     buf, pos = b"", 0  # the unparsed input is buf[pos:]; refilled a chunk at a time
     long_name = None  # set by a pax 'x' or GNU 'L' header for the next member
+    started = False  # a header was read: an empty stream is "not a tar", not "truncated"
     while True:
         if len(buf) - pos < BLOCK:
             buf, pos = buf[pos:] + _read_upto(stream, CHUNK), 0
         header = buf[pos:pos + BLOCK]
-        if len(header) < BLOCK or header == ZERO_BLOCK:  # end-of-archive blocks
+        if header == ZERO_BLOCK:  # end-of-archive blocks
+            return
+        if len(header) < BLOCK:
+            if strict:
+                raise TarFormatError("tar ends without its end-of-archive block (truncated)"
+                                     if header or started else "empty file, not a tar")
             return
         if _octal(header[148:156]) != _checksum(header):
             raise TarFormatError("tar header checksum mismatch")
         size = _octal(header[124:136])
+        started = True
         need = BLOCK + -(-size // BLOCK) * BLOCK  # header + member padded to whole blocks
         if len(buf) - pos < need:
             buf, pos = buf[pos:] + _read_upto(stream, max(CHUNK, need - (len(buf) - pos))), 0
             if len(buf) < need:
-                raise TarFormatError(f"tar ends inside a member ({len(buf) - BLOCK} of {size} "
-                                     "bytes)")
+                raise TarFormatError(f"tar ends inside a member of {size} bytes, "
+                                     f"{max(0, len(buf) - pos - BLOCK)} of them there "
+                                     "(truncated)")
         data = buf[pos + BLOCK:pos + BLOCK + size]
         pos += need
         kind = header[156:157]
@@ -110,10 +123,13 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def tar_samples(stream: BinaryIO) -> Iterator[dict]:
-    """Samples of a WebDataset tar: ``{"__key__": key, ext: bytes, ...}`` per key, in order."""
+def tar_samples(stream: BinaryIO, strict: bool = False) -> Iterator[dict]:
+    """Samples of a WebDataset tar: ``{"__key__": key, ext: bytes, ...}`` per key, in order.
+
+    ``strict``: see :func:`tar_members`.
+    """
     sample: dict | None = None
-    for path, data in tar_members(stream):
+    for path, data in tar_members(stream, strict):
         match = KEY_EXT.match(path)
         if match is None or META.match(path):
             continue
