@@ -20,6 +20,7 @@ setup(
         "torchvision>=0.16",
         "timm>=1.0",
         "webdataset>=0.2.86",
+        "braceexpand>=0.1.7",  # ddp-shards index --split 'train-{000000..000999}.tar'
         "pyyaml>=6",
         "rich>=13",
         "numpy>=1.24",

@@ -3,6 +3,8 @@ TarWriter, GNU tar), read by the loader on 2 ranks, by timm's ReaderWds and by v
 from __future__ import annotations
 
 import collections
+import functools
+import http.server
 import io
 import json
 import os
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import pytest
@@ -252,11 +255,35 @@ def test_pipe_root_indexed_to_a_separate_folder(tmp_path, capsys):
     assert eval_labels(out, "train", workers=0) == [sorted(NAMES).index(NAMES[i % 3])
                                                     for n in (3, 9) for i in range(n)]
     assert shards_main(["verify", out]) == 0
+    # the same shards over HTTP (webdataset opens URLs with curl)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        QuietHandler, directory=shards))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url, by_url = f"http://127.0.0.1:{server.server_port}/", str(tmp_path / "by_url")
+        assert index(url, "--out", by_url, "--label-key", "txt", "--split",
+                     "train=part-{0..1}.tar") == 0
+        assert load_manifest(by_url).splits == manifest.splits
+        assert eval_labels(by_url, "train", workers=2) == sorted_labels(out)
+        assert shards_main(["verify", by_url]) == 0
+    finally:
+        server.shutdown()
     with open(os.path.join(shards, "part-1.tar"), "r+b") as f:
         f.seek(700)
         f.write(b"X")
     assert shards_main(["verify", out]) == 1
     assert "part-1.tar: sha256 mismatch" in capsys.readouterr().err
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request lines on the test's stderr
+        pass
+
+
+def sorted_labels(shards: str) -> list[int]:
+    return sorted_by_role(build_loader(DataConfig(shards=shards, image_size=8, num_workers=2),
+                                       DistInfo(), split="train", train=False, batch_size=4,
+                                       seed=0))
 
 
 def webp(i: int) -> bytes:
@@ -400,3 +427,22 @@ def test_strict_tar_reading_finds_a_cut_at_a_member_boundary():
     with pytest.raises(TarFormatError, match="empty file"):
         list(tar_samples(io.BytesIO(b""), strict=True))
     assert len(list(tar_samples(io.BytesIO(whole), strict=True))) == 1
+
+
+def test_index_of_packed_shards_equals_the_pack_manifest(tmp_path):
+    """The index's counts and hashes of shards `pack` wrote are those pack recorded."""
+    from helpers_images import make_image_folder
+    from ddp_train.shards.pack import pack
+
+    src = str(tmp_path / "src")
+    make_image_folder(src, {"a": 9, "b": 6, "c": 5}, corrupt=False)
+    packed = pack(src, str(tmp_path / "packed"), shard_size=4, workers=1, progress="none")
+    bare = tmp_path / "bare"
+    shutil.copytree(packed.root, bare, ignore=shutil.ignore_patterns(INFO_NAME, PROBLEMS_NAME))
+    assert index(str(bare), "--classes", ",".join(packed.classes)) == 0
+    indexed = load_manifest(str(bare))
+    assert indexed.classes == packed.classes and indexed.label["kind"] == "index"
+    for name, split in packed.splits.items():
+        got = indexed.splits[name]
+        assert (got.filenames, got.shard_lengths, got.sha256, got.class_counts) == (
+            split.filenames, split.shard_lengths, split.sha256, split.class_counts)

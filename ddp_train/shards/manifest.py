@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .locations import is_remote, join  # re-exported: where shards and manifests are
 
 INFO_NAME = "_info.json"
 PROBLEMS_NAME = "problematic_files.jsonl"
@@ -96,27 +99,6 @@ class Manifest:
         }
 
 
-def join(root: str, name: str) -> str:
-    """Location of file ``name`` of a dataset whose root is ``root``.
-
-    ``root`` is a local folder, a URL prefix webdataset opens (``http://...``), or a template
-    holding ``{}`` for the file name, e.g. ``pipe:aws s3 cp s3://bucket/ds/{} -`` for object
-    stores (webdataset runs the command and reads its stdout).
-    """
-    if "{}" in root:
-        return root.replace("{}", name)
-    if root.startswith("pipe:"):
-        raise ValueError(f"a pipe: shard root needs a {{}} where the file name goes: {root!r}")
-    if "://" in root:
-        return root.rstrip("/") + "/" + name
-    return os.path.join(root, name)
-
-
-def is_remote(root: str) -> bool:
-    """True when ``root`` is opened through webdataset (URL, pipe: or template), not the OS."""
-    return "{}" in root or "://" in root or root.startswith("pipe:")
-
-
 def read_doc(root: str) -> dict[str, Any]:
     """The parsed ``root/_info.json`` (local or any URL webdataset can open).
 
@@ -158,11 +140,14 @@ def load_manifest(root: str) -> Manifest:
     path = join(root, INFO_NAME)
     try:
         doc = read_doc(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, OSError if is_remote(root) else FileNotFoundError) as e:
         from .sources import index_hint  # lists the folder: only on this error path
 
         hint = index_hint(root)
-        raise FileNotFoundError(f"no shard manifest at {path}: " + (
+        status = re.search(r"exit (\d+)", str(e))  # gopen's error repeats the whole command
+        seen = "" if not is_remote(root) else (
+            f" (the read exited with status {status.group(1)})" if status else f" ({e})")
+        raise FileNotFoundError(f"no shard manifest at {path}{seen}: " + (
             hint or f"pack a dataset first (ddp-shards pack SRC --out {root})")) from None
     if "classes" not in doc and isinstance(doc.get("splits"), dict):
         from .sources import index_command

@@ -20,7 +20,7 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from .manifest import is_remote
+from .locations import is_remote
 from .tar import tar_samples
 
 # Splits looked for under their usual names when no --split is given; any other *.tar is named
@@ -128,9 +128,14 @@ def index_command(root: str, extra: str = "") -> str:
 
 
 def index_hint(root: str) -> str:
-    """For a local folder holding ``.tar`` shards but no manifest: the sentence telling which
-    ``ddp-shards index`` command writes one. '' when the folder holds no shards."""
-    if is_remote(root) or not os.path.isdir(root):
+    """For a folder holding ``.tar`` shards but no manifest: the sentence telling which
+    ``ddp-shards index`` command writes one ('' when the folder holds no shards). A remote root
+    cannot be listed: its sentence shows the command's shape."""
+    if is_remote(root):  # cannot be listed: the command needs the names and a local --out
+        return (f"if the shards there have none, index them with `ddp-shards index "
+                f"{shlex.quote(root)} --out DIR --split train='train-{{000000..000099}}.tar'` "
+                "(your shard names) and set data.shards to DIR")
+    if not os.path.isdir(root):
         return ""
     tars = sorted(glob.glob("*.tar", root_dir=root))
     if not tars:
