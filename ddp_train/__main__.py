@@ -51,6 +51,10 @@ def _subcommand_help() -> str:
     width = max(map(len, SUBCOMMANDS)) + 2
     rows = "\n".join(f"  {name:<{width}}{text}" for name, (text, _) in SUBCOMMANDS.items())
     return ("subcommands (ddp-train <subcommand> --help for its options):\n" + rows + "\n\n"
+            "data and plots (their own commands, each with --help):\n"
+            "  ddp-shards pack|index|info|verify   pack images into shards, or index shards "
+            "another tool wrote\n"
+            "  ddp-plot / plot_training_curve.py   loss curves and a report from run logs\n\n"
             "Examples:\n"
             "  ddp-train                                   train the bundled demo (digits)\n"
             "  ddp-train --config digits --print-config    show a bundled config, resolved\n"

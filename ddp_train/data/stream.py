@@ -247,8 +247,8 @@ class ShardStream(IterableDataset):
     ``layout.num_samples``). ``seed`` drives the shard order, the block shuffle and the
     per-sample augmentation; ``shuffle_buffer`` is the block size. ``transform``, ``problems``
     and ``extras`` ({name: manifest spec} of extra members loaded with the image) are passed to
-    :func:`decode_and_transform`; ``labels`` to :func:`read_positions`; ``class_weights`` (train) turns block shuffling into
-    class-weighted resampling (:func:`resample_block`).
+    :func:`decode_and_transform`; ``labels`` to :func:`read_positions`; ``class_weights``
+    (train) turns block shuffling into class-weighted resampling (:func:`resample_block`).
 
     ``epoch`` and ``start_batch`` are set by the loader before a DataLoader is built (workers are
     re-created every epoch, so they see the current values).

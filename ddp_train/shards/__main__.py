@@ -85,7 +85,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddp-shards`` argument parser with its pack, info and verify sub-commands."""
-    parser = OneLineParser(prog="ddp-shards", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ddp-shards", description="Pack images into WebDataset shards, "
+                           "index shards another tool wrote, describe and verify them.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack an image folder or a path,label[,split] CSV")

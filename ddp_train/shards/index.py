@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -270,7 +271,13 @@ def index(root: str, *, out: str = "", patterns: dict[str, str] | None = None,
         print(f"{len(names) - len(todo)} of {len(names)} shards already indexed "
               f"({PROGRESS_NAME}); reading the other {len(todo)}")
     jobs = [(n, join(root, n), settings.label_key, settings.classes) for n in todo]
-    failed = _scan_all(jobs, workers, settings.progress, _Stamped(progress, root))
+    try:
+        failed = _scan_all(jobs, workers, settings.progress, _Stamped(progress, root))
+    except KeyboardInterrupt:
+        print(f"interrupted with {len(progress.done)} of {len(names)} shards indexed "
+              f"({os.path.join(out, PROGRESS_NAME)}); the same command continues from there",
+              file=sys.stderr)
+        raise
 
     problems = [{"split": split, "shard": n, "key": None, "problem": failed[n]}
                 for split, ns in sets.items() for n in ns if n in failed]

@@ -33,7 +33,8 @@ class LabelSpec:
 
     @classmethod
     def parse(cls, text: str) -> "LabelSpec":
-        """``cls``, ``txt``, ``json:label`` or ``json:meta.class`` -> a spec; ValueError if empty."""
+        """``cls``, ``txt``, ``json:label`` or ``json:meta.class`` -> a spec (ValueError if
+        empty)."""
         member, _, field = text.strip().partition(":")
         member = member.strip().lower()
         if not member or (":" in text and not field.strip()):

@@ -89,7 +89,7 @@ class Manifest:
             "classes": list(self.classes),
             "num_classes": self.num_classes,
             "splits": {k: asdict(v) for k, v in self.splits.items()},
-            "pack": self.pack,
+            **({"pack": self.pack} if self.pack else {}),
             "problematic": self.problematic,
             **({"extras": self.extras} if self.extras else {}),
             **({"folds": self.folds} if self.folds else {}),
