@@ -53,7 +53,7 @@ def index(*args: str) -> int:
 def write_three_ways(root: str) -> dict[str, list[int]]:
     """train: webdataset.ShardWriter (keys with dots in folder names); val: GNU tar run on a
     folder of KEY.jpg + KEY.cls files (plus a __meta__ member); test: TarWriter with uneven
-    shards of 1 to 150 samples. Returns the labels of each split in shard order."""
+    shards of 1 to 230 samples. Returns the labels of each split in shard order."""
     labels: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     os.makedirs(root)
     with wds.ShardWriter(os.path.join(root, "train-%06d.tar"), maxcount=7, verbose=0) as w:
@@ -75,7 +75,7 @@ def write_three_ways(root: str) -> dict[str, list[int]]:
     subprocess.run(["tar", "-cf", os.path.join(root, "val-000000.tar"), "-C", folder, *members],
                    check=True)
     start = 100
-    for k, n in enumerate((1, 150, 2, 37)):
+    for k, n in enumerate((1, 230, 2, 37)):
         with wds.TarWriter(os.path.join(root, f"test-{k:06d}.tar")) as w:
             for i in range(start, start + n):
                 labels["test"].append(i % 3)
@@ -122,7 +122,7 @@ def test_index_matches_what_was_written(three_ways):
         assert info.class_counts == [want.count(c) for c in range(3)]
         assert [sum(c) for c in info.shard_class_counts] == info.shard_lengths
     assert manifest.splits["train"].shard_lengths == [7, 7, 7, 7, 7, 5]
-    assert manifest.splits["test"].shard_lengths == [1, 150, 2, 37]
+    assert manifest.splits["test"].shard_lengths == [1, 230, 2, 37]
     assert shards_main(["verify", root]) == 0
     # A timm _info.json is completed: its own keys stay, the counts agree with timm's.
     doc = read(os.path.join(with_timm, INFO_NAME))
@@ -446,3 +446,20 @@ def test_index_of_packed_shards_equals_the_pack_manifest(tmp_path):
         got = indexed.splits[name]
         assert (got.filenames, got.shard_lengths, got.sha256, got.class_counts) == (
             split.filenames, split.shard_lengths, split.sha256, split.class_counts)
+
+
+def test_class_balance_reads_labels_through_the_manifest(tmp_path):
+    """data.class_balance resamples by the labels the index found (here in json, no cls)."""
+    root = str(tmp_path / "ds")
+    os.makedirs(root)
+    with wds.TarWriter(os.path.join(root, "train-0.tar")) as w:
+        for i in range(24):
+            name = "dent" if i % 6 == 0 else "ok"  # 4 dents, 20 ok
+            w.write({"__key__": f"k{i}", "jpg": jpeg(i), "json": json.dumps({"y": name}).encode()})
+    assert index(root, "--label-key", "json:y") == 0
+    cfg = DataConfig(shards=root, image_size=8, num_workers=0, shuffle_buffer=24,
+                     class_balance=1.0)
+    loader = build_loader(cfg, DistInfo(), split="train", train=True, batch_size=4, seed=0)
+    drawn = [y for _ in range(5) for _, labels in loader for y in labels.tolist()]
+    assert len(drawn) == 5 * 24
+    assert drawn.count(0) / len(drawn) > 0.35  # "dent" is class 0; unbalanced it is 1/6

@@ -35,7 +35,8 @@ class RunConfig:
 class DataConfig:
     """Shards and the streaming loader."""
 
-    shards: str = doc("shards/digits", "packed dataset folder or URL prefix holding _info.json")
+    shards: str = doc("shards/digits", "folder or URL prefix holding _info.json (from ddp-shards "
+                      "pack or index)")
     image_size: int = doc(32, "square input size in pixels fed to the model")
     num_workers: int = doc(2, "DataLoader worker processes per rank (0 = read in the main process)")
     train_split: str = doc("train", "split trained on")
