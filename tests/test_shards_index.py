@@ -446,6 +446,14 @@ def test_index_of_packed_shards_equals_the_pack_manifest(tmp_path):
         got = indexed.splits[name]
         assert (got.filenames, got.shard_lengths, got.sha256, got.class_counts) == (
             split.filenames, split.shard_lengths, split.sha256, split.class_counts)
+    # a local root indexed elsewhere: the manifest points back at it, relative to itself
+    elsewhere = tmp_path / "indexes" / "parts"
+    assert index(str(bare), "--out", str(elsewhere)) == 0
+    assert read(os.path.join(elsewhere, INFO_NAME))["shard_root"] == "../../bare"
+    assert load_manifest(str(elsewhere)).root == str(bare)
+    assert shards_main(["verify", str(elsewhere)]) == 0
+    total = sum(s.num_samples for s in packed.splits.values())
+    assert sum(len(eval_labels(str(elsewhere), name, workers=0)) for name in packed.splits) == total
 
 
 def test_class_balance_reads_labels_through_the_manifest(tmp_path):

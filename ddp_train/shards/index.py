@@ -89,11 +89,13 @@ def scan_shard(job: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Any]:
     ``{"name", "error"}`` when it cannot be read. Runs in a pool worker.
 
     ``labels`` is ``[[value, samples], ...]`` (values are class numbers or names); a problem is
-    ``{"key", "problem"}`` for a sample without an image or a label.
+    ``{"key", "problem"}`` for a sample without an image or a label; ``stat`` is the local
+    file's (size, mtime_ns), None for a remote one.
     """
     name, url, label_key, classes = job
     spec, known = LabelSpec.parse(label_key), set(classes)
     count, labels, problems, keys = 0, Counter(), [], set()
+    stat = _stat(url)  # before reading: a shard replaced meanwhile is read again next time
     try:
         with _open(url) as raw_stream:
             stream = HashingReader(raw_stream)
@@ -122,7 +124,7 @@ def scan_shard(job: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Any]:
         return {"name": name, "error": f"{type(e).__name__}: {e}"}
     return {"name": name, "count": count, "sha256": stream.digest.hexdigest(),
             "bytes": stream.bytes, "labels": sorted(labels.items(), key=lambda kv: str(kv[0])),
-            "problems": problems}
+            "problems": problems, "stat": stat}
 
 
 def _open(url: str) -> BinaryIO:
@@ -140,12 +142,12 @@ def _known(value: int | str, classes: tuple[str, ...], known: set[str]) -> bool:
     return value < len(classes) if isinstance(value, int) else value in known
 
 
-def _stat(root: str, name: str) -> list[int] | None:
+def _stat(url: str) -> list[int] | None:
     """(size, mtime_ns) of a local shard, to tell a re-run when it changed; None for remote."""
-    if is_remote(root):
+    if is_remote(url):
         return None
     try:
-        st = os.stat(join(root, name))
+        st = os.stat(url)
     except OSError:
         return None
     return [st.st_size, st.st_mtime_ns]
@@ -243,42 +245,37 @@ def index(root: str, *, out: str = "", patterns: dict[str, str] | None = None,
     read without ``settings.skip_bad``.
     """
     root = root.rstrip("/") if "://" not in root and root != "/" else root
-    if not out:
-        if is_remote(root):
-            raise IndexingError(f"{root} is not a local folder: write the index elsewhere with "
-                              "--out DIR")
-        out = root
-    if not is_remote(root) and not os.path.isdir(root):
-        raise IndexingError(f"{root} is not a folder")
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise IndexingError(f"{out} is not writable: write the index elsewhere with --out DIR")
-    base = _existing_doc(out, root)
+    out = _output_folder(root, out)
+    base = _existing_doc(out, root)  # a timm _info.json to complete, or None
     try:
-        sets, origin = shard_sets(root, patterns or {}, base)
+        sets, origin = shard_sets(root, patterns or {}, base)  # {split: [shard names]}
     except ValueError as e:
         raise IndexingError(str(e)) from None
+    names = [n for names in sets.values() for n in names]
 
-    workers = settings.workers or os.cpu_count() or 1
-    header = {"root": root, "label_key": settings.label_key, "classes": list(settings.classes)}
-    progress = Progress(out, header)
+    # 1. what an earlier run of the same command already read (local shards: unchanged since)
+    progress = Progress(out, {"root": root, "label_key": settings.label_key,
+                              "classes": list(settings.classes)})
     if progress.restarted:
         print(f"{PROGRESS_NAME}: written with other settings; indexing every shard again")
-    names = [n for names in sets.values() for n in names]
     todo = [n for n in names if n not in progress.done
-            or progress.done[n].get("stat") != _stat(root, n)]
+            or progress.done[n].get("stat") != _stat(join(root, n))]
     if len(todo) < len(names):
         print(f"{len(names) - len(todo)} of {len(names)} shards already indexed "
               f"({PROGRESS_NAME}); reading the other {len(todo)}")
+
+    # 2. read the rest; each finished shard is in the progress file before the next is counted
+    workers = settings.workers or os.cpu_count() or 1
     jobs = [(n, join(root, n), settings.label_key, settings.classes) for n in todo]
     try:
-        failed = _scan_all(jobs, workers, settings.progress, _Stamped(progress, root))
+        failed = _scan_all(jobs, workers, settings.progress, progress)
     except KeyboardInterrupt:
         print(f"interrupted with {len(progress.done)} of {len(names)} shards indexed "
               f"({os.path.join(out, PROGRESS_NAME)}); the same command continues from there",
               file=sys.stderr)
         raise
 
+    # 3. unreadable shards fail the index, or with --skip-bad leave the manifest
     problems = [{"split": split, "shard": n, "key": None, "problem": failed[n]}
                 for split, ns in sets.items() for n in ns if n in failed]
     problems += [{"split": split, "shard": n, **p} for split, ns in sets.items() for n in ns
@@ -289,33 +286,47 @@ def index(root: str, *, out: str = "", patterns: dict[str, str] | None = None,
         raise IndexFailed(f"{len(failed)} of {len(names)} shards cannot be read ({first}: "
                           f"{failed[first]}; all in {path}); no manifest written. Re-run with "
                           "--skip-bad to index without them")
-    for split in sets:
-        sets[split] = [n for n in sets[split] if n not in failed]
+    sets = {split: [n for n in ns if n not in failed] for split, ns in sets.items()}
+
+    # 4. classes from every label seen, then the manifest; problems first, manifest last
     values = {v for ns in sets.values() for n in ns for v, _ in progress.done[n]["labels"]}
     classes, kind = settle_classes(values, settings.classes)
-    splits = {split: _split_info(split, ns, progress.done, classes, kind)
-              for split, ns in sets.items()}
     spec = LabelSpec.parse(settings.label_key)
-    label = {"member": spec.member, "field": spec.field, "kind": kind}
-    record = dict(root=root, label_key=settings.label_key, shard_sets=origin, workers=workers,
-                  skipped_shards=sorted(failed), created=_now(), ddp_train_version=__version__)
-    shard_root = "" if _same_dir(out, root) else (
-        root if is_remote(root) else os.path.relpath(os.path.abspath(root), os.path.abspath(out)))
-    manifest = Manifest(root=root, classes=classes, splits=splits, problematic=len(problems),
-                        label=label, index=record, shard_root=shard_root)
+    manifest = Manifest(
+        root=root, classes=classes, problematic=len(problems),
+        splits={split: _split_info(split, ns, progress.done, classes, kind)
+                for split, ns in sets.items()},
+        label={"member": spec.member, "field": spec.field, "kind": kind},
+        index=dict(root=root, label_key=settings.label_key, shard_sets=origin, workers=workers,
+                   skipped_shards=sorted(failed), created=_now(), ddp_train_version=__version__),
+        shard_root=_shard_root(root, out))
     _write_problems(out, problems)
     write_manifest(manifest, out, base)
     return manifest
 
 
-class _Stamped:
-    """The progress file, with each record stamped with its local file's (size, mtime)."""
+def _output_folder(root: str, out: str) -> str:
+    """Where ``_info.json`` goes (``out``, else ``root``), created; IndexingError if it cannot."""
+    if not out:
+        if is_remote(root):
+            raise IndexingError(f"{root} is not a local folder: write the index elsewhere with "
+                                "--out DIR")
+        out = root
+    if not is_remote(root) and not os.path.isdir(root):
+        raise IndexingError(f"{root} is not a folder")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise IndexingError(f"{out} is not writable: write the index elsewhere with --out DIR")
+    return out
 
-    def __init__(self, progress: Progress, root: str) -> None:
-        self.progress, self.root = progress, root
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.progress.add({**record, "stat": _stat(self.root, record["name"])})
+def _shard_root(root: str, out: str) -> str:
+    """The manifest's ``shard_root``: '' beside the shards, else the root as given (remote) or
+    relative to ``out`` (local, so the two folders can move together)."""
+    if not is_remote(root) and os.path.abspath(out) == os.path.abspath(root):
+        return ""
+    return root if is_remote(root) else os.path.relpath(os.path.abspath(root),
+                                                        os.path.abspath(out))
 
 
 def _split_info(split: str, names: list[str], done: dict[str, dict], classes: list[str],
@@ -346,10 +357,6 @@ def _existing_doc(out: str, root: str) -> dict[str, Any] | None:
                 continue
             raise IndexingError(f"existing {join(where, INFO_NAME)}: {e}") from None
     return None
-
-
-def _same_dir(a: str, b: str) -> bool:
-    return not is_remote(b) and os.path.abspath(a) == os.path.abspath(b)
 
 
 def _now() -> str:
