@@ -471,3 +471,18 @@ def test_class_balance_reads_labels_through_the_manifest(tmp_path):
     drawn = [y for _ in range(5) for _, labels in loader for y in labels.tolist()]
     assert len(drawn) == 5 * 24
     assert drawn.count(0) / len(drawn) > 0.35  # "dent" is class 0; unbalanced it is 1/6
+
+
+def test_cls_holding_names(tmp_path):
+    """cls members holding class names (not numbers): names sorted, looked up by the loader."""
+    root = str(tmp_path / "ds")
+    os.makedirs(root)
+    order = ["scratch", "ok", "dent", "ok", "scratch", "ok"]
+    with wds.TarWriter(os.path.join(root, "val-000000.tar")) as w:
+        for i, name in enumerate(order):
+            w.write({"__key__": f"k{i}", "png": png_bytes(i), "cls": name})
+    assert index(root) == 0
+    manifest = load_manifest(root)
+    assert manifest.classes == ["dent", "ok", "scratch"] and manifest.label["kind"] == "name"
+    assert manifest.splits["val"].class_counts == [1, 3, 2]
+    assert eval_labels(root, "val", workers=0) == [manifest.classes.index(n) for n in order]
