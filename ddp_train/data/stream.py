@@ -23,8 +23,8 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..shards import extras as extra_members
 from ..shards.labels import IMAGE_KEYS, LabelReader
-from . import plan
 from ..shards.tar import tar_samples
+from . import plan
 
 log = logging.getLogger(__name__)
 
