@@ -206,6 +206,9 @@ def test_json_labels_truncated_shards_and_samples_without_image(tmp_path, capsys
     assert by_key[("train-000000.tar", "no_image")].startswith("no image (members: json)")
     assert "no field 'label'" in by_key[("val-000000.tar", "no_label")]
     assert "truncated" in by_key[("train-000002.tar", None)]
+    assert shards_main(["info", root]) == 0
+    assert "6 problems left out (of them 2 unreadable shards)" in " ".join(
+        capsys.readouterr().out.split())
     # The loader skips the same two samples: positions are what the index counted.
     labels = eval_labels(root, "val", workers=2)
     assert labels == [sorted(NAMES).index(n) for n in want]

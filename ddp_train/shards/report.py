@@ -34,8 +34,10 @@ def describe(manifest: Manifest) -> str:
         line += (f", packed {p.get('created', '?')} from {p.get('source', '?')} "
                  f"(seed {p.get('seed', '?')}, resize {p.get('resize') or 'off'})")
     if i:
-        line += (f", indexed {i.get('created', '?')} (labels from {i.get('label_key', '?')}, "
-                 f"{len(i.get('skipped_shards', []))} unreadable shards left out)")
+        line += f", indexed {i.get('created', '?')} (labels from {i.get('label_key', '?')})"
+    if i:  # index problems are samples without image or label, and unreadable shards
+        return line + (f", {manifest.problematic} problems left out (of them "
+                       f"{len(i.get('skipped_shards', []))} unreadable shards)")
     return line + f", {manifest.problematic} problematic files skipped"
 
 
