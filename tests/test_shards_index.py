@@ -489,3 +489,17 @@ def test_cls_holding_names(tmp_path):
     assert manifest.classes == ["dent", "ok", "scratch"] and manifest.label["kind"] == "name"
     assert manifest.splits["val"].class_counts == [1, 3, 2]
     assert eval_labels(root, "val", workers=0) == [manifest.classes.index(n) for n in order]
+
+
+def test_gzipped_shards_are_named_and_read_through_a_pipe(tmp_path, capsys):
+    root = tmp_path / "gz"
+    os.makedirs(root)
+    with wds.TarWriter(str(root / "train-0.tar")) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "png": png_bytes(i), "cls": i % 2})
+    subprocess.run(["gzip", str(root / "train-0.tar")], check=True)
+    assert index(str(root), "--split", "train=*.tar.gz") == 1
+    assert "gzip-compressed tar" in capsys.readouterr().err
+    assert index(f"pipe:gzip -dc {root}/{{}}", "--out", str(tmp_path / "idx"), "--split",
+                 "train=train-0.tar.gz") == 0
+    assert eval_labels(str(tmp_path / "idx"), "train", workers=0) == [0, 1, 0, 1, 0]

@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterator
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 CHUNK = 1 << 20  # bytes per read: ~130 members of 64 px training JPEGs, one syscall
+GZIP_MAGIC = b"\x1f\x8b"  # a .tar.gz: named in the error instead of a checksum mismatch
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: e.g. "__index__" files
 # webdataset's base_plus_ext pattern, compiled once (it calls re.match with the string each time)
@@ -93,6 +94,9 @@ def tar_members(stream: BinaryIO, strict: bool = False) -> Iterator[tuple[str, b
                 raise TarFormatError("tar ends without its end-of-archive block (truncated)"
                                      if header or started else "empty file, not a tar")
             return
+        if not started and header[:2] == GZIP_MAGIC:
+            raise TarFormatError("gzip-compressed tar: shards are read uncompressed; gunzip "
+                                 "them, or read them through a root like 'pipe:gzip -dc DIR/{}'")
         if _octal(header[148:156]) != _checksum(header):
             raise TarFormatError("tar header checksum mismatch")
         size = _octal(header[124:136])
