@@ -31,7 +31,7 @@ from .. import __version__
 from .tar import tar_samples
 from .labels import LabelError, LabelSpec, has_image, raw_label
 from .manifest import (INFO_NAME, PROBLEMS_NAME, Manifest, SplitInfo, is_remote, join, read_doc,
-                       write_manifest)
+                       write_atomic, write_manifest)
 from .progress import PROGRESS_MODES, FileProgress
 from .sources import shard_sets
 
@@ -205,10 +205,7 @@ def settle_classes(values: set[int | str], classes: tuple[str, ...]) -> tuple[li
 
 def _write_problems(out: str, lines: list[dict[str, Any]]) -> str:
     path = os.path.join(out, PROBLEMS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
     return path
 
 

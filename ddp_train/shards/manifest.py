@@ -180,10 +180,16 @@ def write_manifest(manifest: Manifest, directory: str, base: dict[str, Any] | No
                   for name, split in doc["splits"].items()}
         doc = {**base, **doc, "splits": splits}
     path = os.path.join(directory, INFO_NAME)
+    write_atomic(path, json.dumps(doc, indent=1))
+    return path
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file, fsync'd, then renamed over it: a reader
+    (or a crash) sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return path
