@@ -194,7 +194,7 @@ def test_json_labels_truncated_shards_and_samples_without_image(tmp_path, capsys
 
     assert index(root, "--label-key", "json:label", "--skip-bad") == 0
     out = capsys.readouterr().out
-    assert "left out 2 unreadable shards" in out and "already indexed" in out
+    assert "left out 2 unreadable shards" in out and "2 of 4 shards already indexed" in out
     manifest = load_manifest(root)
     assert manifest.classes == sorted(NAMES) and manifest.label == {
         "member": "json", "field": "label", "kind": "name"}
