@@ -18,22 +18,22 @@ have been scanned, unless ``--skip-bad`` leaves it out.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import multiprocessing
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from .. import __version__
-from .tar import tar_samples
 from .labels import LabelError, LabelSpec, has_image, raw_label
+from .locations import HashingReader, open_stream
 from .manifest import (INFO_NAME, PROBLEMS_NAME, Manifest, SplitInfo, is_remote, join, read_doc,
                        write_atomic, write_manifest)
 from .progress import PROGRESS_MODES, FileProgress
 from .sources import shard_sets
+from .tar import tar_samples
 
 PROGRESS_NAME = "_index_progress.jsonl"  # one line per indexed shard: what a re-run skips
 
@@ -66,24 +66,6 @@ class IndexSettings:
             raise IndexingError(f"progress must be one of {', '.join(PROGRESS_MODES)}")
 
 
-class HashingReader:
-    """A read-only stream that hashes and counts every byte read through it."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.digest, self.bytes = stream, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.digest.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) what is left after the end-of-archive block."""
-        while self.read(1 << 20):
-            pass
-
-
 def scan_shard(job: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Any]:
     """Read one shard: ``{"name", "count", "sha256", "bytes", "labels", "problems"}``, or
     ``{"name", "error"}`` when it cannot be read. Runs in a pool worker.
@@ -97,7 +79,7 @@ def scan_shard(job: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Any]:
     count, labels, problems, keys = 0, Counter(), [], set()
     stat = _stat(url)  # before reading: a shard replaced meanwhile is read again next time
     try:
-        with _open(url) as raw_stream:
+        with open_stream(url) as raw_stream:
             stream = HashingReader(raw_stream)
             for raw in tar_samples(stream, strict=True):  # grouped as the loader groups them
                 key = raw["__key__"]
@@ -119,22 +101,12 @@ def scan_shard(job: tuple[str, str, str, tuple[str, ...]]) -> dict[str, Any]:
                     continue
                 labels[value] += 1
                 count += 1
-            stream.drain()
+            digest = stream.drain()  # the bytes after the end-of-archive block count too
     except Exception as e:  # any failure to read is the shard's, reported with its name
         return {"name": name, "error": f"{type(e).__name__}: {e}"}
-    return {"name": name, "count": count, "sha256": stream.digest.hexdigest(),
+    return {"name": name, "count": count, "sha256": digest,
             "bytes": stream.bytes, "labels": sorted(labels.items(), key=lambda kv: str(kv[0])),
             "problems": problems, "stat": stat}
-
-
-def _open(url: str) -> BinaryIO:
-    """A shard's byte stream: local files directly, URLs and ``pipe:`` through webdataset's
-    ``gopen`` as the loader opens them (imported only then: it imports torch)."""
-    if not is_remote(url):
-        return open(url, "rb")
-    import webdataset as wds
-
-    return wds.gopen(url, "rb")
 
 
 def _known(value: int | str, classes: tuple[str, ...], known: set[str]) -> bool:

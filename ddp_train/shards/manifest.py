@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .locations import is_remote, join  # re-exported: where shards and manifests are
+from .locations import is_remote, join, open_stream  # is_remote, join: re-exported
 
 INFO_NAME = "_info.json"
 PROBLEMS_NAME = "problematic_files.jsonl"
@@ -106,14 +106,8 @@ def read_doc(root: str) -> dict[str, Any]:
     """
     path = join(root, INFO_NAME)
     try:
-        if is_remote(root):
-            import webdataset as wds  # only needed for remote roots
-
-            with wds.gopen(path, "rb") as f:
-                doc = json.load(f)
-        else:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+        with open_stream(path) as f:
+            doc = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):

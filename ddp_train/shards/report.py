@@ -2,28 +2,18 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 from rich.table import Table
 
+from .locations import HashingReader, open_stream
 from .manifest import Manifest, is_remote, join
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file (or, for a URL or ``pipe:`` command, of its stream), read in
-    1 MiB blocks."""
-    if is_remote(path):
-        import webdataset as wds  # gopen opens what the loader opens; it imports torch
-
-        opened = wds.gopen(path, "rb")
-    else:
-        opened = open(path, "rb")
-    digest = hashlib.sha256()
-    with opened as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file (or, for a URL or ``pipe:`` command, of its stream)."""
+    with open_stream(path) as f:
+        return HashingReader(f).drain()
 
 
 def describe(manifest: Manifest) -> str:
