@@ -97,8 +97,7 @@ def resample_block(chunk: list[tuple[int, Optional[dict]]], class_weights: list[
     weights = []
     for _, raw in chunk:
         try:
-            label = -1 if raw is None else raw.get("__label__", None)
-            label = int(raw["cls"]) if label is None else label
+            label = -1 if raw is None else sample_label(raw)
         except (KeyError, ValueError):
             label = -1  # undecodable label: never drawn (the decode stage would log it)
         weights.append(class_weights[label] if 0 <= label < len(class_weights) else 0.0)
@@ -159,7 +158,13 @@ def decode_sample(raw: dict) -> tuple[Image.Image, int]:
     image.load()  # decode now, inside the caller's try: a truncated file fails here
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return image, raw["__label__"] if "__label__" in raw else int(raw["cls"])
+    return image, sample_label(raw)
+
+
+def sample_label(raw: dict) -> int:
+    """The class index of a raw sample: what the read stage's label reader found, else (a
+    stream built without one) the ``cls`` member's number."""
+    return raw["__label__"] if "__label__" in raw else int(raw["cls"])
 
 
 def decode_and_transform(items: Iterator[tuple[int, Optional[dict]]], transform: Callable,

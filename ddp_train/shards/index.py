@@ -213,7 +213,8 @@ def index(root: str, *, out: str = "", patterns: dict[str, str] | None = None,
     Raises :class:`IndexingError` for bad arguments, :class:`IndexFailed` when shards cannot be
     read without ``settings.skip_bad``.
     """
-    root = root.rstrip("/") if "://" not in root and root != "/" else root
+    if not is_remote(root):
+        root = root.rstrip("/") or "/"  # "DIR/" and "DIR" are one root for the progress file
     out = _output_folder(root, out)
     base = _existing_doc(out, root)  # a timm _info.json to complete, or None
     try:

@@ -134,7 +134,9 @@ def load_manifest(root: str) -> Manifest:
     path = join(root, INFO_NAME)
     try:
         doc = read_doc(root)
-    except (FileNotFoundError, OSError if is_remote(root) else FileNotFoundError) as e:
+    except OSError as e:
+        if not (isinstance(e, FileNotFoundError) or is_remote(root)):
+            raise  # a local permission or I/O error says what it is; a pipe/URL only "exit N"
         from .sources import index_hint  # lists the folder: only on this error path
 
         hint = index_hint(root)
