@@ -19,9 +19,8 @@ from ddp_train import checkpoint as ckpt
 from ddp_train.config import load_config
 from ddp_train.dist import DistInfo
 from ddp_train.export import export, export_weights
-from ddp_train.shards.pack import pack
 from ddp_train.trainer import train
-from helpers_images import make_image_folder
+from tinyrun import pack_and_train
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -31,19 +30,11 @@ def run(tmp_path_factory) -> dict:
     """3 classes of 45x30 images, trained 3 steps with calibration (so the checkpoint has a
     temperature), a non-default eval transform: bicubic, crop_pct 0.875 (resize 36, crop 32)."""
     root = tmp_path_factory.mktemp("export")
-    images = str(root / "images")
-    make_image_folder(images, {"a": 8, "b": 8, "c": 8}, size=(45, 30), corrupt=False)
-    shards = str(root / "shards")
-    pack(images, shards, workers=1, progress="none", val_fraction=0.25, test_fraction=0.25)
-    run_dir = str(root / "run")
-    torch.set_num_threads(1)
-    cfg = load_config(None, [f"data.shards={shards}", f"run.path={run_dir}",
-                             "model.name=test_resnet", "data.image_size=32",
-                             "data.crop_pct=0.875", "data.interpolation=bicubic",
-                             "data.num_workers=0", "train.batch_size=4", "train.max_steps=3",
-                             "log.progress=none", "calibration.enabled=true",
-                             "eval.test_at_end=false"])
-    train(cfg, DistInfo())
+    made = pack_and_train(str(root), {"a": 8, "b": 8, "c": 8}, (45, 30),
+                          ["data.crop_pct=0.875", "data.interpolation=bicubic",
+                           "train.max_steps=3", "calibration.enabled=true",
+                           "eval.test_at_end=false"])
+    images, shards, run_dir = made["images"], made["shards"], made["dir"]
     loaded = infer.load_checkpoint(run_dir, "cpu")
     # real images as the eval loader decodes and transforms them, from the shards
     inputs = torch.stack([x for _, x in infer._shard_samples(loaded, shards, "train")][:6])

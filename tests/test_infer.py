@@ -13,16 +13,14 @@ from torch import nn
 
 from conftest import ROOT, torchrun_env
 from ddp_train import calibrate, infer, infer_cli
-from ddp_train.config import CalibrationConfig, DataConfig, TTAConfig, load_config
+from ddp_train.config import CalibrationConfig, DataConfig, TTAConfig
 from ddp_train.data import build_loader
 from ddp_train.dist import DistInfo
 from ddp_train.export import export_weights
 from ddp_train.metrics import evaluate
-from ddp_train.shards.pack import pack
-from ddp_train.trainer import train
 from ddp_train.tta import TTAModel, zoom
-from helpers_images import make_image_folder
 from shardgen import write_shards
+from tinyrun import pack_and_train
 
 
 def test_calibration_lowers_nll_of_an_overconfident_model():
@@ -81,20 +79,9 @@ def test_tta_averages_the_views_and_eval_counts_each_sample_once(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     """A 2-class image folder packed, trained 6 steps with calibration and TTA at test."""
-    root = tmp_path_factory.mktemp("infer")
-    images = str(root / "images")
-    make_image_folder(images, {"a": 10, "b": 10}, size=(20, 20), corrupt=False)
-    shards = str(root / "shards")
-    pack(images, shards, workers=1, progress="none", val_fraction=0.25, test_fraction=0.25)
-    run_dir = str(root / "run")
-    torch.set_num_threads(1)
-    cfg = load_config(None, [f"data.shards={shards}", f"run.path={run_dir}",
-                             "model.name=test_resnet", "data.image_size=32",
-                             "data.num_workers=0", "train.batch_size=4", "train.max_steps=6",
-                             "log.progress=none", "calibration.enabled=true",
-                             "tta.at_test=true", "tta.scales=[1.0,1.2]"])
-    result = train(cfg, DistInfo())
-    return {"images": images, "shards": shards, "dir": run_dir, "result": result}
+    return pack_and_train(str(tmp_path_factory.mktemp("infer")), {"a": 10, "b": 10}, (20, 20),
+                          ["train.max_steps=6", "calibration.enabled=true", "tta.at_test=true",
+                           "tta.scales=[1.0,1.2]"])
 
 
 def test_eval_cli_reports_metrics_with_the_stored_temperature(run, tmp_path, capsys):
